@@ -1,0 +1,378 @@
+"""The run archive: its on-disk schema (below, the one place it is written down) and the lazy reader.
+
+Owns file names, the schema version and every check a reader makes. Imports numpy, pandas and safetensors only:
+never torch, diffusers or streamlit, so the dashboard can read archives on a machine without a GPU stack.
+The writer lives in `archive_writer.py` and uses the constants defined here.
+
+Schema (``SCHEMA_VERSION`` = 1)::
+
+    <runs_dir>/<run_id>/
+      manifest.json        written last; {"schema_version", "complete": true, "run_id", "created", "command",
+                           "config" (resolved capture config), "versions", "model" (pipeline class, family,
+                           transformer + scheduler config), "steps" [{step, t, sigma, expert}], "n_steps",
+                           "latent" {channels, frames, height, width}, "token_grid" {frames, rows, cols, patch},
+                           "tensors" {name: {steps, dtype, shape}}, "sites" {site: {n_layers, layers, steps,
+                           branches, dim, dtype, reductions {name: {shape}}, tokens [[layer, step], ...]}},
+                           "decoded" {steps, shape} | null, "n_samples", "shards" [relative paths]}
+      samples.parquet      one row per sample: sample, sample_id, task, instance, seed, prompt, label_*, answer,
+                           score_*, shard
+      shards/sample_NNNNNN.safetensors   every tensor of one sample (one work item = instance x seed):
+          x_t, v_hat, x0_hat        (tensor step, C, F, H, W)  latent layout, steps = manifest tensors.<name>.steps
+          final                     (C, F, H, W)              the pipeline's final latent
+          acts/<site>/<reduction>/<branch>   (act step, layer, *reduction shape)
+              reductions: frame_mean (frame, d) | pool<k> (frame, k, k, d) | token_norm (frame, row, col)
+                          | proj<d'> (frame, row, col, d')
+          tokens/<site>/L<layer>/S<step>/<branch>  (frame, row, col, d)  full tokens for chosen (layer, step)
+          decoded/x0_hat            (decode step, F, H, W, 3) uint8;  decoded/final (F, H, W, 3) uint8
+        safetensors metadata: cos_schema_version, row (JSON sample row), layout (JSON, see archive_writer)
+      derived/<name>.parquet   analysis tables the pages plot
+      annotations.json         manual Chain-of-Steps labels from the dashboard
+
+A run being written lives in ``<run_id>.partial/`` (with ``manifest.partial.json``); finished shards are renamed
+into place, the manifest is written last and the directory renamed, so a reader sees a complete run or none.
+Steps count from 0 = noisiest; ``t`` is the scheduler's timestep value, never an index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL_MANIFEST = "manifest.partial.json"
+PARTIAL_SUFFIX = ".partial"
+SAMPLES = "samples.parquet"
+SHARD_DIR = "shards"
+DERIVED_DIR = "derived"
+ANNOTATIONS = "annotations.json"
+STEP_TENSORS = ("x_t", "v_hat", "x0_hat")
+BRANCHES = ("cond", "uncond")
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+_SHARD_RE = re.compile(r"^shards/sample_\d{6}\.safetensors$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_REQUIRED_KEYS = ("schema_version", "complete", "run_id", "steps", "n_steps", "n_samples", "shards", "sites",
+                  "tensors", "latent", "token_grid")
+
+
+class ArchiveError(ValueError):
+    """Every problem a reader can report: missing or malformed files, wrong schema, bad look-ups."""
+
+
+def shard_name(sample: int) -> str:
+    return f"{SHARD_DIR}/sample_{sample:06d}.safetensors"
+
+
+def act_key(site: str, reduction: str, branch: str) -> str:
+    return f"acts/{site}/{reduction}/{branch}"
+
+
+def token_key(site: str, layer: int, step: int, branch: str) -> str:
+    return f"tokens/{site}/L{layer}/S{step}/{branch}"
+
+
+def check_name(value: str, what: str) -> str:
+    """A file-system-safe name (run ids, derived table names): no separators, no leading dot."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ArchiveError(f"{what} {value!r} is not allowed: use letters, digits, '_', '-', '.' (not first), "
+                           "at most 128 characters")
+    return value
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` of one run directory (the only file `Archive.open` touches)."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise ArchiveError(f"{run_dir} is not a cos-lab archive: no {MANIFEST} (an unfinished capture lives in "
+                           f"'<run>{PARTIAL_SUFFIX}' until it completes)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArchiveError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArchiveError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ArchiveError(f"{path} must hold a JSON object, found {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArchiveError(f"{path}: schema_version {version!r} is not supported by this cos-lab (reads "
+                           f"{SCHEMA_VERSION}); re-capture the run or install the matching cos-lab version")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ArchiveError(f"{path} misses required keys: {', '.join(missing)}")
+    if manifest["complete"] is not True:
+        raise ArchiveError(f"{path} is not marked complete; the run was not finished")
+    _check_shards(Path(run_dir), manifest)
+    return manifest
+
+
+def _check_shards(run_dir: Path, manifest: dict) -> None:
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or len(shards) != manifest["n_samples"]:
+        raise ArchiveError(f"{run_dir}: 'shards' must list one file per sample (n_samples="
+                           f"{manifest['n_samples']!r})")
+    root = run_dir.resolve()
+    for i, rel in enumerate(shards):
+        if not isinstance(rel, str) or not _SHARD_RE.match(rel) or rel != shard_name(i):
+            raise ArchiveError(f"{run_dir}: shard entry {rel!r} is not allowed (expected {shard_name(i)!r}; "
+                               "paths must stay inside the run directory)")
+        real = (run_dir / rel).resolve()
+        if root not in real.parents:
+            raise ArchiveError(f"{run_dir}: shard {rel!r} resolves outside the run directory ({real})")
+
+
+class Archive:
+    """Lazy, read-only view of one complete run. Opening reads the manifest only; tensors load on demand."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Archive":
+        path = Path(path)
+        if not path.is_dir():
+            raise ArchiveError(f"no run directory at {path}")
+        return cls(path, read_manifest(path))
+
+    # ---- run-level facts ---------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.manifest["n_samples"])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.manifest["n_steps"])
+
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        """One row per denoising step: step, t, sigma, expert."""
+        return pd.DataFrame(self.manifest["steps"], columns=["step", "t", "sigma", "expert"])
+
+    @cached_property
+    def samples(self) -> pd.DataFrame:
+        path = self.path / SAMPLES
+        if not path.is_file():
+            raise ArchiveError(f"{self.path}: {SAMPLES} is missing")
+        try:
+            table = pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise ArchiveError(f"{path} cannot be read as parquet: {err}") from None
+        if len(table) != self.n_samples:
+            raise ArchiveError(f"{path} has {len(table)} rows, the manifest says {self.n_samples} samples")
+        if "sample_id" in table and table["sample_id"].duplicated().any():
+            dup = table["sample_id"][table["sample_id"].duplicated()].iloc[0]
+            raise ArchiveError(f"{path}: duplicate sample_id {dup!r}")
+        return table
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    def site(self, site: str) -> dict[str, Any]:
+        try:
+            return self.manifest["sites"][site]
+        except KeyError:
+            raise ArchiveError(f"site {site!r} was not captured in {self.run_id}; captured: {self.sites}") from None
+
+    def reductions(self, site: str) -> list[str]:
+        return list(self.site(site)["reductions"])
+
+    # ---- tensor look-ups -----------------------------------------------------------------------------------
+    def _shard_path(self, sample: int) -> Path:
+        if not isinstance(sample, (int, np.integer)) or not 0 <= sample < self.n_samples:
+            raise ArchiveError(f"sample {sample!r} out of range: {self.run_id} has samples 0..{self.n_samples - 1}")
+        path = self.path / self.manifest["shards"][int(sample)]
+        if not path.is_file():
+            raise ArchiveError(f"{self.run_id}: shard for sample {sample} is missing ({path.name})")
+        return path
+
+    def read(self, sample: int, key: str, index: tuple | None = None) -> np.ndarray:
+        """One tensor of one sample by archive key, optionally sliced lazily (only the slice is read)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self._shard_path(sample)
+        try:
+            with safe_open(str(path), framework="np") as f:
+                if key not in f.keys():
+                    raise ArchiveError(f"{self.run_id}: sample {sample} has no tensor {key!r}")
+                if index is None:
+                    return f.get_tensor(key)
+                return f.get_slice(key)[index]
+        except SafetensorError as err:
+            raise ArchiveError(f"{path} is damaged or not a safetensors file: {err}") from None
+        except OSError as err:
+            raise ArchiveError(f"{path} cannot be read: {err}") from None
+
+    def keys(self, sample: int = 0) -> list[str]:
+        from safetensors import SafetensorError, safe_open
+
+        path = self._shard_path(sample)
+        try:
+            with safe_open(str(path), framework="np") as f:
+                return sorted(f.keys())
+        except SafetensorError as err:
+            raise ArchiveError(f"{path} is damaged or not a safetensors file: {err}") from None
+
+    @staticmethod
+    def _position(values: list[int], value: int, what: str) -> int:
+        try:
+            return values.index(int(value))
+        except (ValueError, TypeError):
+            raise ArchiveError(f"{what} {value!r} was not captured; captured {what}s: {values}") from None
+
+    def act(self, site: str, reduction: str, *, sample: int, layer: int | None = None,
+            step: int | None = None, branch: str = "cond") -> np.ndarray:
+        """Reduced activations of one sample: (step, layer, *shape), with `layer`/`step` dropping that axis."""
+        info = self.site(site)
+        if reduction not in info["reductions"]:
+            raise ArchiveError(f"reduction {reduction!r} of site {site!r} was not captured; captured: "
+                               f"{list(info['reductions'])}")
+        if branch not in info["branches"]:
+            raise ArchiveError(f"branch {branch!r} was not captured; captured: {info['branches']}")
+        s = slice(None) if step is None else self._position(info["steps"], step, "step")
+        l = slice(None) if layer is None else self._position(info["layers"], layer, "layer")
+        out = self.read(sample, act_key(site, reduction, branch), (s, l))
+        expected = ([len(info["steps"])] if step is None else []) + ([len(info["layers"])] if layer is None else [])
+        expected += list(info["reductions"][reduction]["shape"])
+        if list(out.shape) != expected:
+            raise ArchiveError(f"{self.run_id} sample {sample}: {act_key(site, reduction, branch)} read as shape "
+                               f"{list(out.shape)}, the manifest promises {expected}")
+        return out
+
+    def stack(self, site: str, reduction: str, *, over: Literal["sample", "layer", "step"] = "sample",
+              samples: Iterable[int] | None = None, layer: int | None = None, step: int | None = None,
+              branch: str = "cond") -> np.ndarray:
+        """Stack reduced activations. over="sample": (sample, [step], [layer], *shape) for the given samples;
+        over="layer"/"step" for one sample: the full axis of that name first, the other index fixed."""
+        if over == "sample":
+            ids = range(self.n_samples) if samples is None else list(samples)
+            parts = [self.act(site, reduction, sample=i, layer=layer, step=step, branch=branch) for i in ids]
+            if not parts:
+                raise ArchiveError(f"{self.run_id}: no samples to stack")
+            return np.stack(parts)
+        if over not in ("layer", "step"):
+            raise ArchiveError(f"over={over!r} is not allowed: use 'sample', 'layer' or 'step'")
+        if samples is None or len(list(samples)) != 1:
+            raise ArchiveError(f"over={over!r} stacks within one sample: pass samples=[i]")
+        (sample,) = list(samples)
+        if over == "layer":
+            if step is None:
+                raise ArchiveError("over='layer' needs a step")
+            return self.act(site, reduction, sample=sample, step=step, branch=branch)
+        if layer is None:
+            raise ArchiveError("over='step' needs a layer")
+        return self.act(site, reduction, sample=sample, layer=layer, branch=branch)
+
+    def tokens(self, site: str, *, sample: int, layer: int, step: int, branch: str = "cond") -> np.ndarray:
+        pairs = [list(p) for p in self.site(site).get("tokens", [])]
+        if [int(layer), int(step)] not in pairs:
+            raise ArchiveError(f"full tokens for layer {layer}, step {step} were not captured; captured "
+                               f"(layer, step) pairs: {pairs}")
+        out = self.read(sample, token_key(site, layer, step, branch))
+        return bf16_bits_to_float32(out) if self.site(site).get("token_dtype") == "bfloat16" else out
+
+    def tensor(self, name: str, *, sample: int, step: int | None = None) -> np.ndarray:
+        """x_t / v_hat / x0_hat of one sample: (step, C, F, H, W), or (C, F, H, W) for one step."""
+        info = self.manifest["tensors"].get(name)
+        if info is None:
+            raise ArchiveError(f"tensor {name!r} was not captured; captured: {list(self.manifest['tensors'])}")
+        if step is None:
+            return self.read(sample, name)
+        return self.read(sample, name, (self._position(info["steps"], step, "step"),))
+
+    def decoded(self, *, sample: int, step: int | None = None) -> np.ndarray:
+        """uint8 frames (F, H, W, 3) of x̂0 at `step`, or of the final video when `step` is None."""
+        if not self.manifest.get("decoded"):
+            raise ArchiveError(f"{self.run_id} holds no decoded frames (capture ran without --decode)")
+        if step is None:
+            return self.read(sample, "decoded/final")
+        return self.read(sample, "decoded/x0_hat", (self._position(self.manifest["decoded"]["steps"], step,
+                                                                   "decoded step"),))
+
+    # ---- derived tables and annotations ------------------------------------------------------------------
+    def derived_names(self) -> list[str]:
+        folder = self.path / DERIVED_DIR
+        return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+
+    def derived(self, name: str) -> pd.DataFrame:
+        path = self.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
+        if not path.is_file():
+            raise ArchiveError(f"{self.run_id} has no derived table {name!r} (run `cos analyze`); has: "
+                               f"{self.derived_names()}")
+        try:
+            return pd.read_parquet(path)
+        except Exception as err:
+            raise ArchiveError(f"{path} cannot be read as parquet: {err}") from None
+
+    def write_derived(self, name: str, table: pd.DataFrame) -> Path:
+        path = self.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        return atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+
+    def annotations(self) -> list[dict[str, Any]]:
+        path = self.path / ANNOTATIONS
+        if not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArchiveError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, list):
+            raise ArchiveError(f"{path} must hold a JSON list of labels")
+        return data
+
+    def write_annotations(self, labels: list[dict[str, Any]]) -> Path:
+        text = json.dumps(labels, indent=1, sort_keys=True)
+        return atomic_write(self.path / ANNOTATIONS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def __repr__(self) -> str:
+        return f"Archive({self.run_id!r}, samples={self.n_samples}, steps={self.n_steps}, sites={self.sites})"
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 tensors are stored as their uint16 bit patterns (numpy has no bfloat16); this is exact."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Write through a temporary sibling, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def list_runs(runs_dir: str | os.PathLike) -> tuple[list[Archive], dict[str, str]]:
+    """Every complete run under `runs_dir`, and {name: error} for directories that are not readable runs."""
+    runs_dir = Path(runs_dir)
+    good, bad = [], {}
+    if not runs_dir.is_dir():
+        return good, bad
+    for child in sorted(runs_dir.iterdir()):
+        if not child.is_dir() or child.name.startswith(".") or child.name.endswith(PARTIAL_SUFFIX):
+            continue
+        try:
+            good.append(Archive.open(child))
+        except ArchiveError as err:
+            bad[child.name] = str(err)
+    return good, bad

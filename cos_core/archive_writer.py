@@ -1,0 +1,163 @@
+"""Writing a run archive atomically and resumably (the schema is in `archive.py`'s docstring).
+
+Owns the ``<run_id>.partial`` working directory, shard writes (temp file, fsync, rename), resume checks and the
+final publish (samples table, manifest last, directory rename). Imports numpy/pandas/safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEMA_VERSION, SHARD_DIR,
+                      ArchiveError, atomic_write, check_name, read_manifest, shard_name)
+
+log = logging.getLogger(__name__)
+
+
+class RunExistsError(ArchiveError):
+    """A complete run with this id is already there; it is never overwritten."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunWriter:
+    """Writes one run: `write_sample` per finished work item, then `finalize`.
+
+    `resume_key` is the JSON-able part of the configuration that must be identical for a killed run to be
+    resumed (model, task list, seeds, selections, reductions); anything else (timing, command line) may differ.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike, run_id: str, resume_key: dict[str, Any]):
+        self.runs_dir = Path(runs_dir)
+        self.run_id = check_name(run_id, "run id")
+        self.final_dir = self.runs_dir / run_id
+        self.partial_dir = self.runs_dir / f"{run_id}{PARTIAL_SUFFIX}"
+        self.resume_key = json.loads(json.dumps(resume_key, sort_keys=True))
+        if self.final_dir.exists():
+            if (self.final_dir / MANIFEST).is_file():
+                raise RunExistsError(f"a complete run already exists at {self.final_dir}; choose another --run-id "
+                                     "or delete it yourself (cos-lab never overwrites a run)")
+            raise ArchiveError(f"{self.final_dir} exists and is not a cos-lab run; refusing to touch it")
+        self.resumed = self.partial_dir.is_dir()
+        if self.resumed:
+            self._check_resumable()
+        else:
+            self._create()
+
+    def _create(self) -> None:
+        try:
+            (self.partial_dir / SHARD_DIR).mkdir(parents=True)
+        except OSError as err:
+            raise ArchiveError(f"cannot create the run directory {self.partial_dir}: {err.strerror}") from None
+        body = {"schema_version": SCHEMA_VERSION, "run_id": self.run_id, "resume_key": self.resume_key}
+        atomic_write(self.partial_dir / PARTIAL_MANIFEST,
+                     lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1, sort_keys=True)))
+
+    def _check_resumable(self) -> None:
+        path = self.partial_dir / PARTIAL_MANIFEST
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ArchiveError(f"cannot resume {self.partial_dir}: {PARTIAL_MANIFEST} unreadable ({err}); "
+                               "delete the directory to start over") from None
+        old = body.get("resume_key")
+        if old != self.resume_key:
+            diff = sorted(k for k in set(old or {}) | set(self.resume_key)
+                          if (old or {}).get(k) != self.resume_key.get(k))
+            raise ArchiveError(f"cannot resume {self.partial_dir}: it was started with a different configuration "
+                               f"(differs in: {', '.join(diff)}); use another --run-id or delete it")
+        for stale in (self.partial_dir / SHARD_DIR).glob(".*.tmp-*"):
+            stale.unlink()  # a shard that was being written when the run was killed
+        log.info("resuming %s: %d finished samples", self.partial_dir, len(self.finished()))
+
+    # ---- shards ------------------------------------------------------------------------------------------
+    def shard_path(self, sample: int) -> Path:
+        return self.partial_dir / shard_name(sample)
+
+    def finished(self) -> set[int]:
+        names = (self.partial_dir / SHARD_DIR).glob("sample_*.safetensors")
+        return {int(p.stem.split("_")[1]) for p in names}
+
+    def write_sample(self, sample: int, tensors: dict[str, np.ndarray], row: dict[str, Any],
+                     layout: dict[str, Any]) -> Path:
+        """Write one sample's shard atomically. A finished shard is never rewritten."""
+        from safetensors.numpy import save_file
+
+        path = self.shard_path(sample)
+        if path.exists():
+            raise ArchiveError(f"sample {sample} of {self.run_id} is already written; finished shards are final")
+        bad = [k for k, v in tensors.items() if not isinstance(v, np.ndarray)]
+        assert not bad, f"write_sample needs numpy arrays, got other types for {bad}"
+        meta = {"cos_schema_version": str(SCHEMA_VERSION), "row": json.dumps(row, sort_keys=True),
+                "layout": json.dumps(layout, sort_keys=True)}
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        return path
+
+    def _shard_meta(self, sample: int) -> tuple[dict, dict]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.shard_path(sample)), framework="np") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["row"]), json.loads(meta["layout"])
+
+    # ---- publish -----------------------------------------------------------------------------------------
+    def finalize(self, n_samples: int, manifest: dict[str, Any]) -> Path:
+        """Check every sample is written, write samples.parquet and the manifest (last), then rename."""
+        missing = sorted(set(range(n_samples)) - self.finished())
+        if missing:
+            raise ArchiveError(f"cannot finalize {self.run_id}: samples {missing[:10]} not written yet")
+        rows, layout = [], None
+        for i in range(n_samples):
+            row, this_layout = self._shard_meta(i)
+            if layout is None:
+                layout = this_layout
+            elif this_layout != layout:
+                raise ArchiveError(f"sample {i} of {self.run_id} was captured with a different layout than sample "
+                                   "0 (selection or shapes changed between work items)")
+            rows.append({**row, "sample": i, "shard": shard_name(i)})
+        table = pd.DataFrame(rows)
+        if "sample_id" in table and table["sample_id"].duplicated().any():
+            raise ArchiveError(f"duplicate sample_id in {self.run_id}: {table['sample_id'][table['sample_id'].duplicated()].tolist()[:5]}")
+        atomic_write(self.partial_dir / SAMPLES, lambda tmp: table.to_parquet(tmp, index=False))
+        body = {**manifest, **(layout or {}), "schema_version": SCHEMA_VERSION, "complete": True,
+                "run_id": self.run_id, "n_samples": n_samples,
+                "shards": [shard_name(i) for i in range(n_samples)]}
+        text = json.dumps(body, indent=1, sort_keys=True, default=_json_default)
+        atomic_write(self.partial_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        (self.partial_dir / PARTIAL_MANIFEST).unlink()
+        _fsync_dir(self.partial_dir)
+        os.replace(self.partial_dir, self.final_dir)
+        _fsync_dir(self.runs_dir)
+        read_manifest(self.final_dir)  # what we publish must pass our own reader
+        return self.final_dir
+
+    def abandon(self) -> None:
+        """Delete the partial directory (used by tests and by `--restart`)."""
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.ndarray, tuple, set)):
+        return list(value.tolist() if isinstance(value, np.ndarray) else value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable in a manifest")

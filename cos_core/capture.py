@@ -1,0 +1,306 @@
+"""Hooks that record a diffusers video pipeline step by step without changing what it generates.
+
+Owns `CaptureSpec` (what to record) and `Capturer`, a context manager that wraps `scheduler.step` (x_t, guided v̂,
+x̂0, σ, t), each expert's `cache_context` (CFG branch names) and every transformer block (hidden states, reduced
+on the device), and removes everything in `finally`. The step index comes from the pipeline's own loop through
+`callback_on_step_end`; hooks only predict it and the callback checks the prediction. Imports torch, never
+streamlit; diffusers only through the pipeline object it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import families as fam
+from .archive import BRANCHES, STEP_TENSORS, act_key, token_key
+from .reductions import DEFAULT, Reducer, check_reduction, reduced_shape
+from .selection import select
+
+log = logging.getLogger(__name__)
+SITE = "block_out"
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to record. `layers`, `steps`, `tensor_steps`: None (all), an index, "a:b[:c]", "1,5,9", a list, or a
+    predicate; resolved once against the model (`select`). `tokens`: (layer, step) pairs kept in full."""
+
+    layers: Any = None
+    steps: Any = None
+    branches: tuple[str, ...] = BRANCHES
+    reductions: tuple[str, ...] = DEFAULT
+    tokens: tuple[tuple[int, int], ...] = ()
+    tensors: tuple[str, ...] = STEP_TENSORS
+    tensor_steps: Any = None
+    proj_seed: int = 0
+
+    def __post_init__(self):
+        for b in self.branches:
+            if b not in BRANCHES:
+                raise ValueError(f"branch {b!r} is not allowed; allowed: {BRANCHES}")
+        for name in self.tensors:
+            if name not in STEP_TENSORS:
+                raise ValueError(f"step tensor {name!r} is not allowed; allowed: {STEP_TENSORS}")
+        for r in self.reductions:
+            check_reduction(r)
+        for pair in self.tokens:
+            if len(pair) != 2:
+                raise ValueError(f"tokens entry {pair!r} must be a (layer, step) pair")
+
+
+@dataclass
+class _Sample:
+    """Per-sample state, reset by `Capturer.begin_sample`."""
+
+    step: int = 0                                      # predicted index of the step now running
+    steps: list[dict] = field(default_factory=list)    # confirmed {step, t, sigma, expert}
+    pending: dict | None = None                        # scheduler record of the running step
+    expert: str | None = None
+    grid: tuple[int, int, int] | None = None
+    latent_fhw: tuple[int, int, int] | None = None
+    context: str | None = None
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    filled: dict[str, np.ndarray] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    final: torch.Tensor | None = None
+    dim: int | None = None
+    token_dtype: str | None = None
+
+
+class Capturer:
+    """`with Capturer(pipe, spec) as cap:` then per sample `cap.begin_sample()`, run the pipeline with
+    `callback_on_step_end=cap.callback()` and `callback_on_step_end_tensor_inputs=["latents"]`, then
+    `tensors, layout = cap.end_sample()`."""
+
+    def __init__(self, pipe: Any, spec: CaptureSpec, n_steps: int | None = None):
+        self.pipe, self.spec = pipe, spec
+        self.family = fam.family_of(pipe)
+        self.rule = fam.x0_rule(pipe.scheduler)
+        self.experts = fam.experts(pipe)
+        counts = {name: len(fam.blocks(self.family, m)) for name, m in self.experts}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"experts have different block counts {counts}; cannot index layers jointly")
+        self.n_layers = next(iter(counts.values()))
+        self.layers = select(spec.layers, self.n_layers, "layer")
+        self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        for layer, _ in spec.tokens:
+            select(layer, self.n_layers, "token layer")
+        self.reducer = Reducer(spec.reductions, spec.proj_seed)
+        self.n_steps: int | None = None
+        if n_steps is not None:
+            self._resolve_steps(n_steps)
+        self._handles: list[Any] = []
+        self._patched: list[tuple[Any, str, Any, bool]] = []
+        self.s = _Sample()
+
+    # ---- selection -----------------------------------------------------------------------------------------
+    def _resolve_steps(self, n_steps: int) -> None:
+        if self.n_steps == n_steps:
+            return
+        self.n_steps = n_steps
+        self.act_steps = select(self.spec.steps, n_steps, "step")
+        self.tensor_steps = select(self.spec.tensor_steps, n_steps, "tensor step")
+        self._act_pos = {s: i for i, s in enumerate(self.act_steps)}
+        self._tensor_pos = {s: i for i, s in enumerate(self.tensor_steps)}
+        self.token_pairs = {(int(l), int(select(s, n_steps, "token step")[0])) for l, s in self.spec.tokens}
+
+    # ---- install / remove --------------------------------------------------------------------------------
+    def __enter__(self) -> "Capturer":
+        try:
+            for name, module in self.experts:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                self._patch(module, "cache_context", self._wrap_context(module.cache_context))
+                for layer, block in enumerate(fam.blocks(self.family, module)):
+                    if layer in self._layer_pos:
+                        self._handles.append(block.register_forward_hook(self._block_hook(layer)))
+            self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler.step))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _patch(self, obj: Any, attr: str, value: Callable) -> None:
+        had = attr in vars(obj)
+        self._patched.append((obj, attr, vars(obj)[attr] if had else None, had))
+        setattr(obj, attr, value)
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for obj, attr, old, had in reversed(self._patched):
+            if had:
+                setattr(obj, attr, old)
+            else:
+                delattr(obj, attr)
+        self._patched.clear()
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def _pre_hook(self, expert: str) -> Callable:
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self._resolve_steps(len(self.pipe.scheduler.timesteps))
+            self.s.expert = expert
+            self.s.grid = fam.token_grid(self.family, module, hidden, kwargs)
+            pt, ph, pw = self.family.patch(module.config)
+            f, h, w = self.s.grid
+            self.s.latent_fhw = (f * pt, h * ph, w * pw)
+        return hook
+
+    def _wrap_context(self, original: Callable) -> Callable:
+        @contextlib.contextmanager
+        def cache_context(name, *args, **kwargs):
+            previous, self.s.context = self.s.context, name
+            try:
+                with original(name, *args, **kwargs):
+                    yield
+            finally:
+                self.s.context = previous
+        return cache_context
+
+    def _branches(self, batch: int) -> list[tuple[str, int]]:
+        """[(branch, batch index)] for one transformer call, from the family's CFG layout."""
+        name = self.s.context
+        if self.family.batched_cfg:
+            if batch == 2:
+                return [("uncond", 0), ("cond", 1)]
+            if batch == 1:
+                return [("cond", 0)]
+        elif batch == 1 and name in ("cond", "uncond"):
+            return [(name, 0)]
+        raise ValueError(f"cannot label CFG branches: a transformer call with batch {batch} in context {name!r} "
+                         f"({self.family.name}); cos capture runs one video per pipeline call")
+
+    def _block_hook(self, layer: int) -> Callable:
+        def hook(module, args, output):
+            step = self.s.step
+            if step not in self._act_pos and (layer, step) not in self.token_pairs:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, tokens, d)
+            f, h, w = self.s.grid
+            if hidden.shape[1] != f * h * w:
+                raise ValueError(f"block {layer} returned {hidden.shape[1]} tokens, expected {f * h * w} video "
+                                 f"tokens for grid {self.s.grid} ({self.family.name})")
+            self.s.dim = int(hidden.shape[-1])
+            for branch, i in self._branches(hidden.shape[0]):
+                if branch in self.spec.branches:
+                    self._record_block(layer, step, branch, hidden[i:i + 1])
+        return hook
+
+    def _record_block(self, layer: int, step: int, branch: str, hidden: torch.Tensor) -> None:
+        if step in self._act_pos:
+            index = (self._act_pos[step], self._layer_pos[layer])
+            lead = (len(self.act_steps), len(self.layers))
+            for name, value in self.reducer(hidden, self.s.grid).items():
+                self._store(act_key(SITE, name, branch), lead, index, value[0])
+        if (layer, step) in self.token_pairs:
+            tokens = hidden[0].view(*self.s.grid, -1)  # (frame, row, col, d)
+            self.s.token_dtype = str(tokens.dtype).removeprefix("torch.")
+            self._store(token_key(SITE, layer, step, branch), (), (), tokens)
+
+    def _store(self, key: str, lead: tuple, index: tuple, value: torch.Tensor) -> None:
+        """Asynchronous copy of a device tensor into a (pinned) host buffer of shape lead + value.shape."""
+        buf = self.s.buffers.get(key)
+        if buf is None:
+            pin = value.is_cuda
+            buf = torch.empty((*lead, *value.shape), dtype=value.dtype, pin_memory=pin)
+            self.s.buffers[key] = buf
+            self.s.filled[key] = np.zeros(lead or (1,), dtype=bool)
+            self.s.shapes[key] = list(value.shape)
+        buf[index].copy_(value, non_blocking=True)
+        self.s.filled[key][index or (0,)] = True
+
+    def _wrap_step(self, original: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        def step(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            model_output, t, sample = (bound.arguments[k] for k in ("model_output", "timestep", "sample"))
+            self._record_step(model_output, t, sample)
+            return original(*args, **kwargs)
+        return step
+
+    def _record_step(self, model_output: torch.Tensor, t: Any, sample: torch.Tensor) -> None:
+        scheduler, step = self.pipe.scheduler, self.s.step
+        self._resolve_steps(len(scheduler.timesteps))
+        if sample.shape[0] != 1:
+            raise ValueError(f"cos capture runs one video per pipeline call; got a batch of {sample.shape[0]}")
+        self.s.pending = {"step": step, "t": float(t), "sigma": fam.sigma_of(scheduler, self.rule, step, t),
+                          "expert": self.s.expert}
+        if step in self._tensor_pos:
+            values = {"x_t": sample, "v_hat": model_output}
+            if "x0_hat" in self.spec.tensors:
+                values["x0_hat"] = fam.x0_hat(scheduler, self.rule, step, t, sample, model_output)
+            for name in self.spec.tensors:
+                value = fam.to_cfhw(self.family, self.pipe, values[name], self.s.latent_fhw)[0].float()
+                self._store(name, (len(self.tensor_steps),), (self._tensor_pos[step],), value)
+
+    # ---- the step clock ------------------------------------------------------------------------------------
+    def callback(self, user: Callable | None = None) -> Callable:
+        """A `callback_on_step_end` that confirms the step index and chains the user's callback."""
+        def on_step_end(pipe, i, t, callback_kwargs):
+            if i != self.s.step or self.s.pending is None:
+                raise RuntimeError(f"capture lost the step clock: the pipeline finished step {i} while hooks "
+                                   f"recorded step {self.s.step} (scheduler stepped: {self.s.pending is not None})")
+            self.s.steps.append(self.s.pending)
+            self.s.pending = None
+            if i == self.n_steps - 1:
+                latents = callback_kwargs["latents"]
+                self.s.final = fam.to_cfhw(self.family, pipe, latents, self.s.latent_fhw)[0].float().cpu()
+            self.s.step = i + 1
+            return user(pipe, i, t, callback_kwargs) if user is not None else {}
+        return on_step_end
+
+    def begin_sample(self) -> None:
+        self.s = _Sample()
+
+    def end_sample(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Wait for the host copies and return (tensors by archive key, layout for the manifest)."""
+        s = self.s
+        if self.n_steps is None or len(s.steps) != self.n_steps or s.final is None:
+            raise RuntimeError(f"sample ended after {len(s.steps)} of {self.n_steps} steps; was the pipeline run "
+                               "with callback_on_step_end=cap.callback() and tensor inputs ['latents']?")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        for key, mask in s.filled.items():
+            if not mask.all():
+                raise RuntimeError(f"{key}: {int((~mask).sum())} cells never written (hooks missed calls)")
+        tensors = {key: _to_numpy(buf) for key, buf in s.buffers.items()}
+        tensors["final"] = s.final.numpy()
+        return tensors, self._layout(tensors)
+
+    def _layout(self, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        s = self.s
+        c, f, h, w = tensors["final"].shape
+        pt, ph, pw = self.family.patch(self.pipe.transformer.config)
+        branches = [b for b in BRANCHES if any(k.endswith(f"/{b}") for k in tensors)]
+        reductions = {r: {"shape": s.shapes[act_key(SITE, r, branches[0])]} for r in self.spec.reductions} \
+            if branches else {}
+        site = {"n_layers": self.n_layers, "layers": list(self.layers), "steps": list(self.act_steps),
+                "branches": branches, "dim": s.dim, "dtype": "float32", "reductions": reductions,
+                "tokens": sorted([list(p) for p in self.token_pairs]), "token_dtype": s.token_dtype}
+        return {
+            "steps": s.steps, "n_steps": self.n_steps, "x0_rule": self.rule, "family": self.family.name,
+            "latent": {"channels": c, "frames": f, "height": h, "width": w},
+            "token_grid": {"frames": s.grid[0], "rows": s.grid[1], "cols": s.grid[2], "patch": [pt, ph, pw]},
+            "tensors": {n: {"steps": list(self.tensor_steps), "dtype": "float32", "shape": [c, f, h, w]}
+                        for n in self.spec.tensors},
+            "sites": {SITE: site},
+        }
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the exact bits as uint16 (archive token_dtype)
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+

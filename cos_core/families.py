@@ -1,0 +1,158 @@
+"""Architecture adapters: one small table entry per diffusers video family, no class hierarchy.
+
+Owns what differs between Wan 2.1/2.2 (and our Wan-class organism), CogVideoX, LTX and HunyuanVideo: where the
+blocks are, the latent layout, the token grid after patchify, how the CFG branches are laid out, how x̂0 follows
+from the scheduler, and how latents decode through the VAE. Imports torch lazily; used only by capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+SUPPORTED_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXImageToVideoPipeline",
+                       "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideoPipeline", "OrganismPipeline")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    transformer_class: str
+    block_lists: tuple[str, ...]      # transformer attributes holding blocks, concatenated into one layer index
+    latent_layout: str                # layout of `latents` inside the loop: "BCFHW", "BFCHW" or "packed"
+    batched_cfg: bool                 # True: one doubled batch per step, uncond half first; False: separate calls
+
+    def patch(self, config: Any) -> tuple[int, int, int]:
+        """(pt, ph, pw) of the transformer's patchify."""
+        p = config.patch_size
+        if isinstance(p, (tuple, list)):
+            return tuple(int(v) for v in p)  # type: ignore[return-value]
+        return (int(getattr(config, "patch_size_t", None) or 1), int(p), int(p))
+
+
+FAMILIES: dict[str, Family] = {
+    "wan": Family("wan", "WanTransformer3DModel", ("blocks",), "BCFHW", False),
+    "cogvideox": Family("cogvideox", "CogVideoXTransformer3DModel", ("transformer_blocks",), "BFCHW", True),
+    "ltx": Family("ltx", "LTXVideoTransformer3DModel", ("transformer_blocks",), "packed", True),
+    "hunyuan": Family("hunyuan", "HunyuanVideoTransformer3DModel",
+                      ("transformer_blocks", "single_transformer_blocks"), "BCFHW", False),
+}
+
+
+def family_of(pipe: Any) -> Family:
+    """The adapter for a pipeline, checked against the supported pipeline and transformer classes."""
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES:
+        raise ValueError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    transformer = getattr(pipe, "transformer", None)
+    cls = type(transformer).__name__
+    for family in FAMILIES.values():
+        if family.transformer_class == cls:
+            return family
+    raise ValueError(f"{name} has a transformer of class {cls!r}; supported: "
+                     f"{', '.join(f.transformer_class for f in FAMILIES.values())}")
+
+
+def experts(pipe: Any) -> list[tuple[str, Any]]:
+    """[(name, module)] of the denoisers: Wan 2.2 has `transformer` (high noise) and `transformer_2` (low)."""
+    out = [("transformer", pipe.transformer)]
+    second = getattr(pipe, "transformer_2", None)
+    if second is not None:
+        out.append(("transformer_2", second))
+    return out
+
+
+def blocks(family: Family, transformer: Any) -> list[Any]:
+    found = []
+    for attr in family.block_lists:
+        found.extend(getattr(transformer, attr))
+    return found
+
+
+def token_grid(family: Family, transformer: Any, hidden_states: Any, kwargs: dict) -> tuple[int, int, int]:
+    """(frames, rows, cols) of video tokens for one transformer call, from its input (tokens are frame-major)."""
+    pt, ph, pw = family.patch(transformer.config)
+    if family.latent_layout == "packed":
+        f, h, w = kwargs["num_frames"], kwargs["height"], kwargs["width"]
+    elif family.latent_layout == "BFCHW":
+        f, h, w = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
+    else:
+        f, h, w = hidden_states.shape[2], hidden_states.shape[3], hidden_states.shape[4]
+    return (int(f) // pt, int(h) // ph, int(w) // pw)
+
+
+def to_cfhw(family: Family, pipe: Any, latents: Any, latent_fhw: tuple[int, int, int]) -> Any:
+    """Latents as the loop holds them -> (B, C, F, H, W)."""
+    if family.latent_layout == "BFCHW":
+        return latents.permute(0, 2, 1, 3, 4)
+    if family.latent_layout == "packed":
+        f, h, w = latent_fhw
+        return pipe._unpack_latents(latents, f, h, w, pipe.transformer_spatial_patch_size,
+                                    pipe.transformer_temporal_patch_size)
+    return latents
+
+
+def x0_rule(scheduler: Any) -> str:
+    """'flow' (x̂0 = x_t − σ·v̂), 'v_prediction' or 'epsilon' (DDPM-family, from alphas_cumprod)."""
+    kind = getattr(scheduler.config, "prediction_type", None)
+    if type(scheduler).__name__.startswith("FlowMatch") or kind == "flow_prediction":
+        return "flow"  # Wan's own configs use UniPC with flow_prediction and flow sigmas
+    if kind in ("v_prediction", "epsilon") and hasattr(scheduler, "alphas_cumprod"):
+        return kind
+    raise ValueError(f"scheduler {type(scheduler).__name__} (prediction_type={kind!r}) is not supported: need a "
+                     "FlowMatch* scheduler or a DDPM-family one with v_prediction/epsilon")
+
+
+def sigma_of(scheduler: Any, rule: str, step: int, t: Any) -> float:
+    """σ at this step = the noise coefficient of x_t: flow matching's σ (x_t = (1−σ)·x0 + σ·ε), or sqrt(1−ᾱ_t) for
+    DDPM-family schedulers (x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε); both run from 1 (noise) to 0 (clean)."""
+    if rule == "flow":
+        return float(scheduler.sigmas[step])
+    return float(1.0 - float(scheduler.alphas_cumprod[int(t)])) ** 0.5
+
+
+def x0_hat(scheduler: Any, rule: str, step: int, t: Any, sample: Any, model_output: Any) -> Any:
+    """x̂0 from x_t and the guided model output, in float32 (as the schedulers compute their own steps)."""
+    import torch
+
+    x, out = sample.to(torch.float32), model_output.to(torch.float32)
+    if rule == "flow":
+        return x - float(scheduler.sigmas[step]) * out
+    a = scheduler.alphas_cumprod[int(t)].to(torch.float32)
+    if rule == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * out
+    return (x - (1 - a).sqrt() * out) / a.sqrt()
+
+
+def decoder(family: Family, pipe: Any) -> Callable[[Any], Any]:
+    """A function (B, C, F, H, W) latents -> (B, F, H, W, 3) uint8 frames, via the pipeline's own VAE.
+
+    Mirrors each pipeline's own decode path. The organism works in pixel space: frames are the latents.
+    """
+    import torch
+
+    vae = getattr(pipe, "vae", None)
+
+    def to_uint8(video: torch.Tensor) -> torch.Tensor:  # (B, 3, F, H, W) in [-1, 1]
+        return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+    if vae is None:
+        return lambda latents: to_uint8(latents)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(vae.device, vae.dtype)
+        if family.name == "wan":
+            cfg = vae.config
+            mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z)
+            std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z)
+            return to_uint8(vae.decode(z * std + mean, return_dict=False)[0])
+        if family.name == "cogvideox":
+            return to_uint8(vae.decode(z / pipe.vae_scaling_factor_image).sample)
+        if family.name == "hunyuan":
+            return to_uint8(vae.decode(z / vae.config.scaling_factor, return_dict=False)[0])
+        z = pipe._denormalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        timestep = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype) if vae.config.timestep_conditioning \
+            else None
+        return to_uint8(vae.decode(z, timestep, return_dict=False)[0])
+
+    return decode
