@@ -1,0 +1,106 @@
+"""`cos capture`: the command-line front of capture — model loading, work items, flags, progress bar.
+
+Owns argument parsing and turning a model argument into (pipeline, call kwargs, work items, scorer):
+the shipped organism (default), `tiny:<family>` (tiny random diffusers pipelines, for smoke tests and teaching),
+or any diffusers folder / hub id through `DiffusionPipeline.from_pretrained`. Prints; the library only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .archive import BRANCHES, STEP_TENSORS
+from .reductions import HELP as REDUCTION_HELP
+
+DEFAULT_RUNS_DIR = "cached_runs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("what to run")
+    src.add_argument("--model", default="organism",
+                     help="'organism' (the shipped small model, default), 'tiny:<family>' (tiny random diffusers "
+                          "pipeline: wan_t2v, wan_i2v, wan22, cogvideox, ltx, hunyuan), or a local diffusers "
+                          "folder / hub id loaded with DiffusionPipeline.from_pretrained")
+    src.add_argument("--task", default="maze", help="organism task (maze, memory, choice); ignored for other models")
+    src.add_argument("--instances", type=int, default=4, help="number of task instances (test seeds), default 4")
+    src.add_argument("--first-instance", type=int, default=0, help="offset into the task's held-out seeds")
+    src.add_argument("--seeds", default="0", help="noise seeds per instance, comma list, default '0'")
+    src.add_argument("--vbvr", type=Path, help="VBVR-Bench style folder (first_frame.png, prompt.txt, "
+                                                  "ground_truth.mp4 per sample) as input source")
+    src.add_argument("--prompt", action="append", help="text prompt (repeatable) for models with a text encoder")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the model's)")
+    gen.add_argument("--guidance-scale", type=float, help="CFG scale (default: the model's)")
+    gen.add_argument("--height", type=int, help="video height in pixels (hub models)")
+    gen.add_argument("--width", type=int, help="video width in pixels (hub models)")
+    gen.add_argument("--num-frames", type=int, help="video frames (hub models)")
+    gen.add_argument("--device", default=None, help="torch device, default cuda if available else cpu")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="model dtype (default float32; bfloat16 for large models on GPU)")
+    sel = p.add_argument_group("what to record")
+    sel.add_argument("--layers", default="all", help="blocks to hook: 'all', 'a:b[:c]' or '0,5,9'")
+    sel.add_argument("--steps", default="all", help="steps whose activations are kept: 'all', 'a:b[:c]', '0,5'")
+    sel.add_argument("--branches", default=",".join(BRANCHES), help="CFG branches to keep: cond,uncond")
+    sel.add_argument("--reductions", default="frame_mean,token_norm", help=f"comma list of: {REDUCTION_HELP}")
+    sel.add_argument("--tokens", default="", help="full tokens for (layer:step) pairs, e.g. '10:5,20:5'")
+    sel.add_argument("--tensors", default=",".join(STEP_TENSORS), help="per-step tensors: x_t,v_hat,x0_hat")
+    sel.add_argument("--tensor-steps", default="all", help="steps whose x_t/v_hat/x0_hat are kept")
+    sel.add_argument("--decode", action="store_true", help="decode x0_hat through the VAE into uint8 frames")
+    sel.add_argument("--decode-steps", default="all", help="steps to decode (subset of --tensor-steps)")
+    sel.add_argument("--proj-seed", type=int, default=0, help="seed of the proj<d'> random projection")
+    out = p.add_argument_group("output")
+    out.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where runs live (default "
+                                                                                  f"{DEFAULT_RUNS_DIR})")
+    out.add_argument("--run-id", help="run directory name (default derived from model and task); an unfinished "
+                                      "run with the same id and configuration is resumed")
+
+
+def _spec(args: argparse.Namespace):
+    from .capture import CaptureSpec
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    tokens = []
+    for pair in split(args.tokens):
+        try:
+            layer, step = (int(v) for v in pair.split(":"))
+        except ValueError:
+            raise ValueError(f"--tokens entry {pair!r} must be 'layer:step', e.g. '10:5'") from None
+        tokens.append((layer, step))
+    return CaptureSpec(layers=args.layers, steps=args.steps, branches=split(args.branches),
+                       reductions=split(args.reductions), tokens=tuple(tokens), tensors=split(args.tensors),
+                       tensor_steps=args.tensor_steps, proj_seed=args.proj_seed)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} must be a comma list of integers") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .capture_run import capture_run
+    from .model_sources import load_source
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = _spec(args)
+    seeds = _seeds(args.seeds)
+    source = load_source(args, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
+    run_id = args.run_id or source.default_run_id
+    runs_dir = args.runs_dir
+    print(f"capturing {len(source.items)} samples of {source.label} into {runs_dir / run_id}", file=sys.stderr)
+    path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
+                       call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
+                       decode_steps=args.decode_steps, score=source.score, command=["cos", *sys.argv[1:]],
+                       extra=source.extra, progress=lambda it: tqdm(it, desc="samples", unit="sample"))
+    print(json.dumps({"run": str(path)}))
+    return 0
+

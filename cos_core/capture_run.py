@@ -1,0 +1,152 @@
+"""Runs a pipeline over work items (instance x seed) with capture on, writing one archive shard per item.
+
+Owns `WorkItem`, the per-run manifest contents (model, scheduler, versions, command) and decoding of chosen
+x̂0 steps. Resumable: items whose shard exists are skipped; a run with a different configuration is refused.
+Imports torch; diffusers only through the pipeline object; never streamlit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from . import families as fam
+from .archive_writer import RunWriter
+from .capture import Capturer, CaptureSpec
+from .selection import select
+
+log = logging.getLogger(__name__)
+Scorer = Callable[["WorkItem", np.ndarray], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One pipeline call. `kwargs` (e.g. an image or first frame) are passed to the pipeline, not archived."""
+
+    sample_id: str
+    seed: int
+    task: str = ""
+    instance: str = ""
+    prompt: str = ""
+    labels: dict[str, int] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def row(self) -> dict[str, Any]:
+        row = {"sample_id": self.sample_id, "seed": int(self.seed), "task": self.task,
+               "instance": str(self.instance), "prompt": self.prompt}
+        row.update({f"label_{k}": int(v) for k, v in self.labels.items()})
+        return row
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("cos-lab", "torch", "diffusers", "transformers", "numpy", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def model_info(pipe: Any, source: str) -> dict[str, Any]:
+    """What the manifest records about the model: classes and full configs (JSON-able)."""
+    def config(module):
+        return json.loads(json.dumps(dict(module.config), default=str)) if module is not None else None
+
+    return {"source": source, "pipeline_class": type(pipe).__name__, "family": fam.family_of(pipe).name,
+            "transformer_class": type(pipe.transformer).__name__, "transformer_config": config(pipe.transformer),
+            "transformer_2_config": config(getattr(pipe, "transformer_2", None)),
+            "boundary_ratio": getattr(pipe.config, "boundary_ratio", None),
+            "scheduler_class": type(pipe.scheduler).__name__, "scheduler_config": config(pipe.scheduler),
+            "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "device": str(pipe.transformer.device)}
+
+
+def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Call kwargs as recorded in the manifest: tensors by shape/dtype, plain values as they are."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = {"tensor": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                      "sum": round(float(v.double().sum()), 6)}
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        else:
+            out[k] = repr(type(v).__name__)
+    return out
+
+
+def _decode(pipe: Any, family: fam.Family, tensors: dict[str, np.ndarray], positions: list[int]) -> None:
+    decode = fam.decoder(family, pipe)
+    device = pipe.transformer.device
+    with torch.no_grad():
+        x0 = torch.from_numpy(tensors["x0_hat"][positions]).to(device)  # (step, C, F, H, W)
+        tensors["decoded/x0_hat"] = decode(x0).cpu().numpy()
+        tensors["decoded/final"] = decode(torch.from_numpy(tensors["final"])[None].to(device))[0].cpu().numpy()
+
+
+def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir: str | Path, run_id: str,
+                call_kwargs: dict[str, Any], source: str, decode_steps: Any = None, decode: bool = False,
+                score: Scorer | None = None, command: list[str] | None = None, extra: dict | None = None,
+                progress: Callable[[Iterable], Iterable] = lambda it: it) -> Path:
+    """Capture every item into `runs_dir/run_id` and publish the archive; returns its path."""
+    if not items:
+        raise ValueError("no work items: nothing to capture")
+    ids = [it.sample_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate sample ids in the work items: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+    n_steps = call_kwargs.get("num_inference_steps")
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"call_kwargs needs num_inference_steps as a positive int, got {n_steps!r}")
+    capturer = Capturer(pipe, spec, n_steps=n_steps)  # validates layers/steps before anything is written
+    decode_pos: list[int] = []
+    if decode:
+        if "x0_hat" not in spec.tensors:
+            raise ValueError("decoding needs x0_hat among the captured tensors")
+        chosen = select(decode_steps, n_steps, "decode step")
+        missing = [s for s in chosen if s not in capturer.tensor_steps]
+        if missing:
+            raise ValueError(f"decode steps {missing} are not among the captured tensor steps")
+        decode_pos = [capturer.tensor_steps.index(s) for s in chosen]
+    config = {"spec": {**asdict(spec), "layers": list(capturer.layers),
+                       "steps": list(capturer.act_steps), "tensor_steps": list(capturer.tensor_steps)},
+              "call": _jsonable(call_kwargs), "items": [[it.sample_id, it.seed] for it in items],
+              "decode_steps": [capturer.tensor_steps[p] for p in decode_pos] if decode else None,
+              **(extra or {})}
+    config = json.loads(json.dumps(config, default=str))
+    info = model_info(pipe, source)
+    writer = RunWriter(runs_dir, run_id, {"config": config, "model": {k: info[k] for k in
+                                                                       ("source", "pipeline_class", "family")}})
+    done = writer.finished()
+    pipe.set_progress_bar_config(disable=True)
+    with capturer:
+        for sample in progress(range(len(items))):
+            if sample in done:
+                continue
+            item = items[sample]
+            capturer.begin_sample()
+            generator = torch.Generator(device=pipe.transformer.device).manual_seed(int(item.seed))
+            pipe(**call_kwargs, **item.kwargs, generator=generator, output_type="latent",
+                 callback_on_step_end=capturer.callback(), callback_on_step_end_tensor_inputs=["latents"])
+            tensors, layout = capturer.end_sample()
+            if decode:
+                _decode(pipe, capturer.family, tensors, decode_pos)
+            layout["decoded"] = ({"steps": config["decode_steps"], "shape": list(tensors["decoded/final"].shape)}
+                                 if decode else None)
+            row = item.row()
+            if score is not None:
+                row.update(score(item, tensors["final"]))
+            writer.write_sample(sample, tensors, row, layout)
+    manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": command if command is not None else sys.argv, "config": config,
+                "versions": versions(), "model": info}
+    return writer.finalize(len(items), manifest)

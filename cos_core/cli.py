@@ -1,0 +1,44 @@
+"""The `cos` command: `cos capture | train | analyze | ensemble | bench`, one subcommand module each.
+
+Owns only dispatch and error reporting: a ValueError from the library (bad input) becomes a one-line message and
+exit code 2, never a traceback. Subcommand modules are imported lazily so `cos --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "capture": ("cos_core.capture_cli", "run a video diffusion pipeline with capture on and write an archive"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cos", description="cos-lab: watch video diffusion models reason along "
+                                     "their denoising steps (Chain-of-Steps).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ValueError as err:  # bad input: say what is wrong, no traceback
+        print(f"cos {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

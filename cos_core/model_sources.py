@@ -1,0 +1,124 @@
+"""Where a capture's model and work items come from: the shipped organism on a task, a tiny random diffusers
+pipeline, or any diffusers folder / hub id with prompts or a VBVR-Bench folder.
+
+Owns `Source` (pipeline, call kwargs, work items, scorer, labels for the manifest) and `load_source`. Imports torch
+and diffusers; never streamlit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .capture_run import WorkItem
+
+ORGANISM_DIR = Path(__file__).resolve().parent.parent / "models" / "organism"
+
+
+@dataclass
+class Source:
+    pipe: Any
+    call_kwargs: dict[str, Any]
+    items: list[WorkItem]
+    label: str
+    default_run_id: str
+    score: Callable[[WorkItem, np.ndarray], dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def load_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+    if not seeds:
+        raise ValueError("--seeds selects no seed")
+    if args.model == "organism":
+        return organism_source(args, device=device, dtype=dtype, seeds=seeds)
+    if args.model.startswith("tiny:"):
+        return tiny_source(args, device=device, dtype=dtype, seeds=seeds)
+    return pretrained_source(args, device=device, dtype=dtype, seeds=seeds)
+
+
+def organism_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int],
+                    model_dir: Path | None = None) -> Source:
+    from .organism.pipeline import DEFAULT_STEPS, OrganismPipeline
+    from .tasks import TEST_SEEDS, get_task
+
+    model_dir = Path(model_dir or ORGANISM_DIR)
+    if not (model_dir / "model_index.json").is_file():
+        raise ValueError(f"no organism weights at {model_dir} (model_index.json missing); train them with "
+                         "`cos train` or pass --model")
+    if args.instances < 1:
+        raise ValueError(f"--instances must be ≥ 1, got {args.instances}")
+    task = get_task(args.task)
+    pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
+    items = []
+    for k in range(args.first_instance, args.first_instance + args.instances):
+        inst = task.instance(TEST_SEEDS[k])
+        frame = torch.from_numpy(inst.first_frame).to(device=device, dtype=dtype)
+        for seed in seeds:
+            items.append(WorkItem(sample_id=f"{args.task}-{inst.seed}-s{seed}", seed=seed, task=args.task,
+                                  instance=str(inst.seed), prompt=inst.prompt, labels=inst.labels,
+                                  kwargs={"first_frame": frame}))
+    instances = {it.instance: task.instance(int(it.instance)) for it in items}
+
+    def score(item: WorkItem, final: np.ndarray) -> dict[str, Any]:
+        inst = instances[item.instance]
+        answer = task.extract(final)
+        return {"answer": json.dumps(answer, sort_keys=True, default=str),
+                **{f"score_{k}": float(v) for k, v in task.score(answer, inst).items()}}
+
+    call = {"task": args.task, **_overrides(args)}
+    call.setdefault("num_inference_steps", DEFAULT_STEPS)
+    return Source(pipe, call, items, label=f"organism:{model_dir.name}",
+                  default_run_id=f"organism-{args.task}-{len(items)}x{call['num_inference_steps']}", score=score,
+                  extra={"task": args.task, "task_params": {}, "model_dir": str(model_dir)})
+
+
+def tiny_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+    from .tiny_pipelines import build_tiny
+
+    name = args.model.split(":", 1)[1]
+    case = build_tiny(name, dtype=dtype)
+    case.pipe.to(device)
+    call = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.call_kwargs.items()
+            if k != "output_type"}
+    call.update(_overrides(args))
+    items = [WorkItem(sample_id=f"seed{s}", seed=s, task="", instance="0") for s in seeds]
+    return Source(case.pipe, call, items, label=f"tiny:{name}", default_run_id=f"tiny-{name}")
+
+
+def pretrained_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+    """A real diffusers video pipeline from a folder or hub id (needs its weights on disk or network access)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    call = {"num_inference_steps": 50, **_overrides(args)}
+    items: list[WorkItem] = []
+    if args.vbvr is not None:
+        from .vbvr import load_vbvr
+
+        for rec in load_vbvr(args.vbvr):
+            for seed in seeds:
+                kwargs = {"prompt": rec.prompt}
+                if "ImageToVideo" in type(pipe).__name__:
+                    kwargs["image"] = rec.image
+                items.append(WorkItem(sample_id=f"{rec.sample_id}-s{seed}", seed=seed, task="vbvr",
+                                      instance=rec.sample_id, prompt=rec.prompt, kwargs=kwargs))
+    elif args.prompt:
+        for k, prompt in enumerate(args.prompt):
+            for seed in seeds:
+                items.append(WorkItem(sample_id=f"p{k}-s{seed}", seed=seed, instance=str(k), prompt=prompt,
+                                      kwargs={"prompt": prompt}))
+    else:
+        raise ValueError(f"--model {args.model}: give --prompt or --vbvr to say what to generate")
+    name = Path(str(args.model)).name or "model"
+    return Source(pipe, call, items, label=str(args.model), default_run_id=f"{name}-{len(items)}")
