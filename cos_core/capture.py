@@ -96,6 +96,7 @@ class Capturer:
         self.n_steps: int | None = None
         if n_steps is not None:
             self._resolve_steps(n_steps)
+        self._pool: dict[str, torch.Tensor] = {}  # host buffers reused across samples (pinned allocs are slow)
         self._handles: list[Any] = []
         self._patched: list[tuple[Any, str, Any, bool]] = []
         self.s = _Sample()
@@ -212,8 +213,11 @@ class Capturer:
         """Asynchronous copy of a device tensor into a (pinned) host buffer of shape lead + value.shape."""
         buf = self.s.buffers.get(key)
         if buf is None:
-            pin = value.is_cuda
-            buf = torch.empty((*lead, *value.shape), dtype=value.dtype, pin_memory=pin)
+            shape = (*lead, *value.shape)
+            buf = self._pool.get(key)
+            if buf is None or tuple(buf.shape) != shape or buf.dtype != value.dtype:
+                buf = torch.empty(shape, dtype=value.dtype, pin_memory=value.is_cuda)
+                self._pool[key] = buf
             self.s.buffers[key] = buf
             self.s.filled[key] = np.zeros(lead or (1,), dtype=bool)
             self.s.shapes[key] = list(value.shape)
@@ -264,8 +268,11 @@ class Capturer:
     def begin_sample(self) -> None:
         self.s = _Sample()
 
-    def end_sample(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Wait for the host copies and return (tensors by archive key, layout for the manifest)."""
+    def end_sample(self, copy: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Wait for the host copies and return (tensors by archive key, layout for the manifest).
+
+        With copy=False the arrays share memory with buffers that the next sample overwrites: consume them
+        (write the shard) before the next `begin_sample`."""
         s = self.s
         if self.n_steps is None or len(s.steps) != self.n_steps or s.final is None:
             raise RuntimeError(f"sample ended after {len(s.steps)} of {self.n_steps} steps; was the pipeline run "
@@ -275,7 +282,7 @@ class Capturer:
         for key, mask in s.filled.items():
             if not mask.all():
                 raise RuntimeError(f"{key}: {int((~mask).sum())} cells never written (hooks missed calls)")
-        tensors = {key: _to_numpy(buf) for key, buf in s.buffers.items()}
+        tensors = {key: _to_numpy(buf.clone() if copy else buf) for key, buf in s.buffers.items()}
         tensors["final"] = s.final.numpy()
         return tensors, self._layout(tensors)
 

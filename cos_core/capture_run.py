@@ -137,7 +137,7 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
             generator = torch.Generator(device=pipe.transformer.device).manual_seed(int(item.seed))
             pipe(**call_kwargs, **item.kwargs, generator=generator, output_type="latent",
                  callback_on_step_end=capturer.callback(), callback_on_step_end_tensor_inputs=["latents"])
-            tensors, layout = capturer.end_sample()
+            tensors, layout = capturer.end_sample(copy=False)  # written below, before the next sample
             if decode:
                 _decode(pipe, capturer.family, tensors, decode_pos)
             layout["decoded"] = ({"steps": config["decode_steps"], "shape": list(tensors["decoded/final"].shape)}
