@@ -41,7 +41,9 @@ class RunWriter:
     resumed (model, task list, seeds, selections, reductions); anything else (timing, command line) may differ.
     """
 
-    def __init__(self, runs_dir: str | os.PathLike, run_id: str, resume_key: dict[str, Any]):
+    def __init__(self, runs_dir: str | os.PathLike, run_id: str, resume_key: dict[str, Any], *, join: bool = False):
+        """`join=True` (data-parallel ranks other than 0): the run directory was just created or checked by
+        rank 0; check the configuration but leave its files alone."""
         self.runs_dir = Path(runs_dir)
         self.run_id = check_name(run_id, "run id")
         self.final_dir = self.runs_dir / run_id
@@ -53,8 +55,11 @@ class RunWriter:
                                      "or delete it yourself (cos-lab never overwrites a run)")
             raise ArchiveError(f"{self.final_dir} exists and is not a cos-lab run; refusing to touch it")
         self.resumed = self.partial_dir.is_dir()
+        if join and not self.resumed:
+            raise ArchiveError(f"{self.partial_dir} does not exist: rank 0 should have created it (shared "
+                               "filesystem?)")
         if self.resumed:
-            self._check_resumable()
+            self._check_resumable(clean=not join)
         else:
             self._create()
 
@@ -67,7 +72,7 @@ class RunWriter:
         atomic_write(self.partial_dir / PARTIAL_MANIFEST,
                      lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1, sort_keys=True)))
 
-    def _check_resumable(self) -> None:
+    def _check_resumable(self, clean: bool) -> None:
         path = self.partial_dir / PARTIAL_MANIFEST
         try:
             body = json.loads(path.read_text())
@@ -80,7 +85,7 @@ class RunWriter:
                           if (old or {}).get(k) != self.resume_key.get(k))
             raise ArchiveError(f"cannot resume {self.partial_dir}: it was started with a different configuration "
                                f"(differs in: {', '.join(diff)}); use another --run-id or delete it")
-        for stale in (self.partial_dir / SHARD_DIR).glob(".*.tmp-*"):
+        for stale in (self.partial_dir / SHARD_DIR).glob(".*.tmp-*") if clean else ():
             stale.unlink()  # a shard that was being written when the run was killed
         log.info("resuming %s: %d finished samples", self.partial_dir, len(self.finished()))
 

@@ -88,19 +88,26 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .capture_run import capture_run
+    from .distributed import from_env
     from .model_sources import load_source
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = from_env()  # one process, or this rank of a torchrun / accelerate launch job
+    device = args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
     spec = _spec(args)
     seeds = _seeds(args.seeds)
     source = load_source(args, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
     run_id = args.run_id or source.default_run_id
     runs_dir = args.runs_dir
-    print(f"capturing {len(source.items)} samples of {source.label} into {runs_dir / run_id}", file=sys.stderr)
+    if ranks.is_main:
+        print(f"capturing {len(source.items)} samples of {source.label} into {runs_dir / run_id}"
+              + (f" with {ranks.world} ranks" if ranks.world > 1 else ""), file=sys.stderr)
     path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
                        call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
                        decode_steps=args.decode_steps, score=source.score, command=["cos", *sys.argv[1:]],
-                       extra=source.extra, progress=lambda it: tqdm(it, desc="samples", unit="sample"))
-    print(json.dumps({"run": str(path)}))
+                       extra=source.extra, ranks=ranks,
+                       progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
+                                                else "samples", unit="sample", position=ranks.rank))
+    if ranks.is_main:
+        print(json.dumps({"run": str(path)}))
     return 0
 

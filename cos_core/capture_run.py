@@ -23,6 +23,7 @@ import torch
 from . import families as fam
 from .archive_writer import RunWriter
 from .capture import Capturer, CaptureSpec
+from .distributed import Ranks, from_env
 from .selection import select
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,11 @@ def versions() -> dict[str, str]:
 
 def model_info(pipe: Any, source: str) -> dict[str, Any]:
     """What the manifest records about the model: classes and full configs (JSON-able)."""
-    def config(module):
-        return json.loads(json.dumps(dict(module.config), default=str)) if module is not None else None
+    def config(module):  # diffusers' `_use_default_values` is an unordered set: leave it out
+        if module is None:
+            return None
+        return json.loads(json.dumps({k: v for k, v in dict(module.config).items() if k != "_use_default_values"},
+                                     default=str))
 
     return {"source": source, "pipeline_class": type(pipe).__name__, "family": fam.family_of(pipe).name,
             "transformer_class": type(pipe.transformer).__name__, "transformer_config": config(pipe.transformer),
@@ -97,8 +101,12 @@ def _decode(pipe: Any, family: fam.Family, tensors: dict[str, np.ndarray], posit
 def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir: str | Path, run_id: str,
                 call_kwargs: dict[str, Any], source: str, decode_steps: Any = None, decode: bool = False,
                 score: Scorer | None = None, command: list[str] | None = None, extra: dict | None = None,
-                progress: Callable[[Iterable], Iterable] = lambda it: it) -> Path:
-    """Capture every item into `runs_dir/run_id` and publish the archive; returns its path."""
+                progress: Callable[[Iterable], Iterable] = lambda it: it, ranks: Ranks | None = None) -> Path:
+    """Capture every item into `runs_dir/run_id` and publish the archive; returns its path.
+
+    Under torchrun each rank captures its share of the items (`Ranks.share`) into the same run directory and
+    rank 0 publishes once all have finished; the archive is the same as a single process would write."""
+    ranks = ranks or from_env()
     if not items:
         raise ValueError("no work items: nothing to capture")
     ids = [it.sample_id for it in items]
@@ -124,14 +132,15 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
               **(extra or {})}
     config = json.loads(json.dumps(config, default=str))
     info = model_info(pipe, source)
-    writer = RunWriter(runs_dir, run_id, {"config": config, "model": {k: info[k] for k in
-                                                                       ("source", "pipeline_class", "family")}})
+    resume_key = {"config": config, "model": {k: info[k] for k in ("source", "pipeline_class", "family")}}
+    writer = RunWriter(runs_dir, run_id, resume_key) if ranks.is_main else None
+    ranks.barrier()  # rank 0 has created (or checked) the run directory
+    writer = writer or RunWriter(runs_dir, run_id, resume_key, join=True)
+    ranks.barrier()  # every rank has checked the configuration before anyone writes
     done = writer.finished()
     pipe.set_progress_bar_config(disable=True)
     with capturer:
-        for sample in progress(range(len(items))):
-            if sample in done:
-                continue
+        for sample in progress([i for i in ranks.share(len(items)) if i not in done]):
             item = items[sample]
             capturer.begin_sample()
             generator = torch.Generator(device=pipe.transformer.device).manual_seed(int(item.seed))
@@ -146,7 +155,11 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
             if score is not None:
                 row.update(score(item, tensors["final"]))
             writer.write_sample(sample, tensors, row, layout)
-    manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": command if command is not None else sys.argv, "config": config,
-                "versions": versions(), "model": info}
-    return writer.finalize(len(items), manifest)
+    ranks.barrier()  # every rank's shards are written
+    if ranks.is_main:
+        manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": command if command is not None else sys.argv, "config": config,
+                    "versions": versions(), "model": info}
+        writer.finalize(len(items), manifest)
+    ranks.barrier()  # the run is published
+    return writer.final_dir
