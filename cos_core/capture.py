@@ -10,6 +10,7 @@ streamlit; diffusers only through the pipeline object it is given.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -227,6 +228,7 @@ class Capturer:
     def _wrap_step(self, original: Callable) -> Callable:
         signature = inspect.signature(original)
 
+        @functools.wraps(original)  # pipelines inspect step's signature to decide whether to pass generator/eta
         def step(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             model_output, t, sample = (bound.arguments[k] for k in ("model_output", "timestep", "sample"))
