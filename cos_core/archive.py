@@ -119,14 +119,13 @@ def _check_shards(run_dir: Path, manifest: dict) -> None:
     if not isinstance(shards, list) or len(shards) != manifest["n_samples"]:
         raise ArchiveError(f"{run_dir}: 'shards' must list one file per sample (n_samples="
                            f"{manifest['n_samples']!r})")
-    root = run_dir.resolve()
     for i, rel in enumerate(shards):
         if not isinstance(rel, str) or not _SHARD_RE.match(rel) or rel != shard_name(i):
             raise ArchiveError(f"{run_dir}: shard entry {rel!r} is not allowed (expected {shard_name(i)!r}; "
                                "paths must stay inside the run directory)")
-        real = (run_dir / rel).resolve()
-        if root not in real.parents:
-            raise ArchiveError(f"{run_dir}: shard {rel!r} resolves outside the run directory ({real})")
+    shard_dir = run_dir / SHARD_DIR
+    if shard_dir.exists() and run_dir.resolve() not in shard_dir.resolve().parents:
+        raise ArchiveError(f"{run_dir}: {SHARD_DIR}/ resolves outside the run directory ({shard_dir.resolve()})")
 
 
 class Archive:
@@ -197,6 +196,9 @@ class Archive:
         path = self.path / self.manifest["shards"][int(sample)]
         if not path.is_file():
             raise ArchiveError(f"{self.run_id}: shard for sample {sample} is missing ({path.name})")
+        if path.is_symlink() and self.path.resolve() not in path.resolve().parents:
+            raise ArchiveError(f"{self.run_id}: shard for sample {sample} links outside the run directory "
+                               f"({path.resolve()})")
         return path
 
     def read(self, sample: int, key: str, index: tuple | None = None) -> np.ndarray:
