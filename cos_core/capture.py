@@ -91,8 +91,8 @@ class Capturer:
         self.n_layers = next(iter(counts.values()))
         self.layers = select(spec.layers, self.n_layers, "layer")
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
-        for layer, _ in spec.tokens:
-            select(layer, self.n_layers, "token layer")
+        token_layers = {select(layer, self.n_layers, "token layer")[0] for layer, _ in spec.tokens}
+        self._hooked = set(self.layers) | token_layers  # full tokens may come from layers that are not reduced
         self.reducer = Reducer(spec.reductions, spec.proj_seed)
         self.n_steps: int | None = None
         if n_steps is not None:
@@ -120,7 +120,7 @@ class Capturer:
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
                 self._patch(module, "cache_context", self._wrap_context(module.cache_context))
                 for layer, block in enumerate(fam.blocks(self.family, module)):
-                    if layer in self._layer_pos:
+                    if layer in self._hooked:
                         self._handles.append(block.register_forward_hook(self._block_hook(layer)))
             self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler.step))
         except BaseException:
@@ -186,7 +186,7 @@ class Capturer:
     def _block_hook(self, layer: int) -> Callable:
         def hook(module, args, output):
             step = self.s.step
-            if step not in self._act_pos and (layer, step) not in self.token_pairs:
+            if (step not in self._act_pos or layer not in self._layer_pos) and (layer, step) not in self.token_pairs:
                 return
             hidden = output[0] if isinstance(output, tuple) else output  # (B, tokens, d)
             f, h, w = self.s.grid
@@ -200,7 +200,7 @@ class Capturer:
         return hook
 
     def _record_block(self, layer: int, step: int, branch: str, hidden: torch.Tensor) -> None:
-        if step in self._act_pos:
+        if step in self._act_pos and layer in self._layer_pos:
             index = (self._act_pos[step], self._layer_pos[layer])
             lead = (len(self.act_steps), len(self.layers))
             for name, value in self.reducer(hidden, self.s.grid).items():
