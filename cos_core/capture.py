@@ -192,7 +192,8 @@ class Capturer:
             f, h, w = self.s.grid
             if hidden.shape[1] != f * h * w:
                 raise ValueError(f"block {layer} returned {hidden.shape[1]} tokens, expected {f * h * w} video "
-                                 f"tokens for grid {self.s.grid} ({self.family.name})")
+                                 f"tokens for grid {self.s.grid} ({self.family.name}); context parallelism, which "
+                                 "splits tokens across ranks, is not supported by capture yet")
             self.s.dim = int(hidden.shape[-1])
             for branch, i in self._branches(hidden.shape[0]):
                 if branch in self.spec.branches:
@@ -279,8 +280,8 @@ class Capturer:
         if self.n_steps is None or len(s.steps) != self.n_steps or s.final is None:
             raise RuntimeError(f"sample ended after {len(s.steps)} of {self.n_steps} steps; was the pipeline run "
                                "with callback_on_step_end=cap.callback() and tensor inputs ['latents']?")
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        for device in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            torch.cuda.synchronize(device)  # blocks may live on several GPUs (device_map placement)
         for key, mask in s.filled.items():
             if not mask.all():
                 raise RuntimeError(f"{key}: {int((~mask).sum())} cells never written (hooks missed calls)")

@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--width", type=int, help="video width in pixels (hub models)")
     gen.add_argument("--num-frames", type=int, help="video frames (hub models)")
     gen.add_argument("--device", default=None, help="torch device, default cuda if available else cpu")
+    gen.add_argument("--cpu-offload", action="store_true",
+                     help="diffusers model CPU offload (large models on one GPU); capture is unchanged")
+    gen.add_argument("--device-map", default=None, help="diffusers device_map for from_pretrained, e.g. "
+                     "'balanced' to spread a large pipeline over the visible GPUs (local/hub models only)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default float32; bfloat16 for large models on GPU)")
     sel = p.add_argument_group("what to record")

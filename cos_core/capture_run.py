@@ -143,7 +143,9 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
         for sample in progress([i for i in ranks.share(len(items)) if i not in done]):
             item = items[sample]
             capturer.begin_sample()
-            generator = torch.Generator(device=pipe.transformer.device).manual_seed(int(item.seed))
+            # the device the pipeline samples its noise on (with CPU offload the transformer itself sits on the CPU)
+            generator = torch.Generator(device=getattr(pipe, "_execution_device", pipe.transformer.device))
+            generator.manual_seed(int(item.seed))
             pipe(**call_kwargs, **item.kwargs, generator=generator, output_type="latent",
                  callback_on_step_end=capturer.callback(), callback_on_step_end_tensor_inputs=["latents"])
             tensors, layout = capturer.end_sample(copy=False)  # written below, before the next sample

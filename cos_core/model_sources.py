@@ -88,7 +88,10 @@ def tiny_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, se
 
     name = args.model.split(":", 1)[1]
     case = build_tiny(name, dtype=dtype)
-    case.pipe.to(device)
+    if getattr(args, "cpu_offload", False):
+        case.pipe.enable_model_cpu_offload(device=device)
+    else:
+        case.pipe.to(device)
     call = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.call_kwargs.items()
             if k != "output_type"}
     call.update(_overrides(args))
@@ -100,7 +103,14 @@ def pretrained_source(args: argparse.Namespace, *, device: str, dtype: torch.dty
     """A real diffusers video pipeline from a folder or hub id (needs its weights on disk or network access)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    if args.device_map and args.cpu_offload:
+        raise ValueError("--device-map and --cpu-offload are alternatives: choose one")
+    extra = {"device_map": args.device_map} if args.device_map else {}
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, **extra)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    elif not args.device_map:
+        pipe.to(device)
     call = {"num_inference_steps": 50, **_overrides(args)}
     items: list[WorkItem] = []
     if args.vbvr is not None:
