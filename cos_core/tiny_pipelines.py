@@ -10,6 +10,7 @@ Must not import capture, archive, analysis or streamlit; nothing here reaches a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import Callable
 
@@ -308,7 +309,7 @@ def _build_hunyuan(*, cfg: bool, dtype: torch.dtype, seed: int, scheduler: str) 
                     cfg_kwarg="true_cfg_scale" if cfg else None)
 
 
-TINY_FAMILIES: dict[str, Callable[..., TinyCase]] = {
+_BUILDERS: dict[str, Callable[..., TinyCase]] = {
     "wan_t2v": _build_wan_t2v,
     "wan_i2v": _build_wan_i2v,
     "wan22": _build_wan22,
@@ -333,14 +334,18 @@ SCHEDULERS: dict[str, tuple[str, ...]] = {
 def build_tiny(name: str, *, cfg: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
                scheduler: str | None = None) -> TinyCase:
     """Build the tiny pipeline `name`; the same (name, cfg, dtype, seed, scheduler) always gives the same weights."""
-    if name not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny pipeline family {name!r}; allowed: {sorted(TINY_FAMILIES)}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tiny pipeline family {name!r}; allowed: {sorted(_BUILDERS)}")
     allowed = SCHEDULERS[name]
     scheduler = allowed[0] if scheduler is None else scheduler
     if scheduler not in allowed:
         raise ValueError(f"scheduler={scheduler!r} is not available for {name!r}; allowed: {list(allowed)}")
     with torch.random.fork_rng(devices=[]):  # builders seed the global CPU generator; leave the caller's untouched
-        return TINY_FAMILIES[name](cfg=cfg, dtype=dtype, seed=seed, scheduler=scheduler)
+        return _BUILDERS[name](cfg=cfg, dtype=dtype, seed=seed, scheduler=scheduler)
+
+
+# The registry (also the CLI's `tiny:<name>` choices): TINY_FAMILIES[name](**options) == build_tiny(name, **options).
+TINY_FAMILIES: dict[str, Callable[..., TinyCase]] = {name: partial(build_tiny, name) for name in _BUILDERS}
 
 
 def wan_1_3b_transformer(dtype: torch.dtype = torch.bfloat16, *, device: str | torch.device = "cpu",

@@ -26,8 +26,17 @@ BLOCK_LISTS = {"cogvideox": ("transformer_blocks",), "ltx": ("transformer_blocks
 BATCHED_CFG = {"cogvideox", "ltx"}  # one doubled batch per step (uncond half first); the rest: cond call, uncond call
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box two threads run 10-30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=sorted(TINY_FAMILIES))
-def case(request):
+def case(request, one_thread):
     return build_tiny(request.param)
 
 
@@ -189,6 +198,7 @@ def test_bad_names_raise_with_the_allowed_values():
     with pytest.raises(ValueError, match="ddim"):
         build_tiny("cogvideox", scheduler="unipc")
     assert set(SCHEDULERS) == set(TINY_FAMILIES)
+    assert TINY_FAMILIES["ltx"](cfg=False).cfg_kwarg is None  # the registry entries are build_tiny(name, ...)
 
 
 def test_bfloat16_keeps_the_fp32_modules_and_runs():
