@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cos_core.tasks import TASK_NAMES, TASKS, TEST_SEEDS, TRAIN_SEEDS, VIDEO_SHAPE, Instance, get_task
-from cos_core.tasks import choice as choice_mod
 from cos_core.tasks import maze as maze_mod
 from cos_core.tasks import memory as memory_mod
 from cos_core.tasks.common import render

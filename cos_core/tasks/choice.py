@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import Instance, Task, check_frame_size, check_int
+from .common import STEPS, Instance, Task, check_frame_size, check_int, sanitize
 
 BACKGROUND, SLOT = 0, 1
 PALETTE = np.array(
@@ -34,7 +34,7 @@ SHAPE_MASKS = np.array([[[ch == "#" for ch in row] for row in shape] for shape i
 SHAPE_SETS = ("random", "named")
 RANDOM_CELLS = (5, 8)  # a random shape has 5..8 cells, grown 4-connected inside the tile
 TILE_NEIGHBOURS = [
-    [(r + dr) * TILE + c + dc for dr, dc in ((-1, 0), (0, 1), (1, 0), (0, -1)) if 0 <= r + dr < TILE and 0 <= c + dc < TILE]
+    [(r + dr) * TILE + c + dc for dr, dc in STEPS if 0 <= r + dr < TILE and 0 <= c + dc < TILE]
     for r, c in (divmod(cell, TILE) for cell in range(TILE * TILE))
 ]
 ROTATIONS = np.stack([np.rot90(np.arange(TILE * TILE).reshape(TILE, TILE), t).ravel() for t in range(4)])  # (4, 25)
@@ -56,8 +56,9 @@ class ChoiceConfig:
         check_int("k", self.k, 2, 4)
         if self.shapes not in SHAPE_SETS:
             raise ValueError(f"shapes={self.shapes!r}: allowed {SHAPE_SETS}")
-        if not isinstance(self.rules, tuple) or not self.rules or len(set(self.rules)) != len(self.rules):
+        if not isinstance(self.rules, (tuple, list)) or not self.rules or len(set(self.rules)) != len(self.rules):
             raise ValueError(f"rules={self.rules!r}: expected a non-empty tuple of distinct ints in [1, 3]")
+        object.__setattr__(self, "rules", tuple(self.rules))  # a list from a CLI or JSON config is fine
         for r in self.rules:
             check_int("rules item", r, 1, 3)
         check_int("width", self.width, 4 * (TILE + GAP) - GAP, 4096)
@@ -191,8 +192,6 @@ class ChoiceTask(Task):
 
     def candidates(self, frames: Any, inst: Instance) -> np.ndarray:
         """Evidence mass per candidate (k,) in [0, 1], templates taken from the instance's true first frame."""
-        from .common import sanitize
-
         last = sanitize(frames, self.video_shape)[:, -1]
         return self._evidence(inst.first_frame, last)["mass"].astype(np.float32)
 

@@ -166,8 +166,8 @@ class MazeTask(Task):
         for a, b in zip(path, path[1:]):
             assert (min(a, b), max(a, b)) in links, f"path step {a}->{b} goes through a wall"
         assert len(path) >= 2, "start and goal coincide"
-        read = self._extract(video)
-        assert read["path"] == [list(divmod(cell, n)) for cell in path], f"drawn trace {read} does not read back as {path}"
+        drawn = self._extract(video)["path"]
+        assert drawn == [list(divmod(cell, n)) for cell in path], f"drawn trace reads as {drawn}, not {path}"
 
     # -- reading answers ----------------------------------------------------------------------------------------
     def _extract(self, frames: np.ndarray) -> dict[str, Any]:
@@ -187,8 +187,8 @@ class MazeTask(Task):
             "goal": None if goal is None else list(divmod(goal, n)),
             "cells": [list(divmod(cell, n)) for cell in sorted(trace)],
             "path": None if path is None else [list(divmod(cell, n)) for cell in path],
-            "walls_last": [cell_pair(n, link) for link, k in links1.items() if k == WALL],  # segments drawn as wall
-            "trace_links": [cell_pair(n, link) for link, k in links1.items() if k == TRACE],  # segments painted as trace
+            "walls_last": [cell_pair(n, link) for link, k in links1.items() if k == WALL],  # wall segments drawn
+            "trace_links": [cell_pair(n, link) for link, k in links1.items() if k == TRACE],  # painted as trace
             "walls_kept": float(np.mean([links1[link] == WALL for link in closed0])) if closed0 else 0.0,
         }
 

@@ -1,9 +1,9 @@
 """Working-memory task (object permanence): an object slides behind an occluder and must come back unchanged.
 
 Owns the trajectory sampler, the drawing and the extractor that finds the object's identity and centre in each
-frame. The object (one of 4 colour+shape identities) moves at constant speed toward an occluder block that spans
-its lane with random margins, is fully hidden for one or more middle frames and reappears on the far side with the same identity, on the
-position constant motion predicts. Motion is drawn left-to-right and then rotated, giving 4 directions.
+frame. The object (one of 4 colour+shape identities) moves at constant speed toward an occluder block spanning its
+lane with random margins, is fully hidden for one or more middle frames and reappears on the far side with the
+same identity, where constant motion puts it. Motion is drawn left-to-right, then rotated: 4 directions.
 Must not import torch, diffusers or other task modules.
 """
 
@@ -49,8 +49,9 @@ class MemoryConfig:
         if self.height != self.width:
             raise ValueError(f"height={self.height} != width={self.width}: memory rotates its canvas, use a square")
         check_int("speed", self.speed, 1, self.width)
-        if not isinstance(self.occluder_px, tuple) or not self.occluder_px:
+        if not isinstance(self.occluder_px, (tuple, list)) or not self.occluder_px:
             raise ValueError(f"occluder_px={self.occluder_px!r}: expected a non-empty tuple of ints")
+        object.__setattr__(self, "occluder_px", tuple(self.occluder_px))  # a list from a CLI or JSON config is fine
         for w in self.occluder_px:
             check_int("occluder_px item", w, SPRITE, self.width - 2)
         if not trajectories(self):
@@ -86,6 +87,7 @@ class MemoryTask(Task):
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _label_classes(self) -> dict[str, int]:
+        # hidden_position: 3x3 grid cell (row-major) of the object's centre in the middle fully hidden frame
         return {"identity": N_IDENTITIES, "exit_side": 4, "hidden_position": 9, "reappear_frame": self.config.n_frames}
 
     def _sample(self, rng: np.random.Generator) -> dict[str, Any]:
@@ -109,10 +111,9 @@ class MemoryTask(Task):
     def _draw(self, spec: dict[str, Any]) -> np.ndarray:
         c = self.config
         video = np.full((c.n_frames, c.height, c.width), BACKGROUND, dtype=np.uint8)
-        sprite = np.where(SPRITE_MASKS[spec["identity"]], 2 + spec["identity"], BACKGROUND).astype(np.uint8)
-        lane = slice(spec["lane"], spec["lane"] + SPRITE)
+        mask, lane = SPRITE_MASKS[spec["identity"]], slice(spec["lane"], spec["lane"] + SPRITE)
         for f, x in enumerate(self._xs(spec)):
-            np.maximum(video[f, lane, x : x + SPRITE], sprite, out=video[f, lane, x : x + SPRITE])
+            video[f, lane, x : x + SPRITE][mask] = 2 + spec["identity"]
         top, bottom = spec["occ_rows"]
         video[:, top:bottom, spec["occ"] : spec["occ"] + spec["occ_px"]] = OCCLUDER
         return np.ascontiguousarray(np.rot90(video, spec["turns"], axes=(1, 2)))  # (frame, H, W)
