@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
               + (f" with {ranks.world} ranks" if ranks.world > 1 else ""), file=sys.stderr)
     path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
                        call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
-                       decode_steps=args.decode_steps, score=source.score, command=["cos", *sys.argv[1:]],
+                       decode_steps=args.decode_steps, score=source.score,
+                       command=["cos", *getattr(args, "_argv", sys.argv[1:])],
                        extra=source.extra, ranks=ranks,
                        progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
                                                 else "samples", unit="sample", position=ranks.rank))

@@ -14,6 +14,7 @@ import sys
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "capture": ("cos_core.capture_cli", "run a video diffusion pipeline with capture on and write an archive"),
+    "analyze": ("cos_core.analyze_cli", "compute probe grids, step dynamics and memory tables into derived/"),
 }
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, recorded in manifests
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
