@@ -81,10 +81,9 @@ class RunWriter:
                                "delete the directory to start over") from None
         old = body.get("resume_key")
         if old != self.resume_key:
-            diff = sorted(k for k in set(old or {}) | set(self.resume_key)
-                          if (old or {}).get(k) != self.resume_key.get(k))
+            diff = _differences(old, self.resume_key)
             raise ArchiveError(f"cannot resume {self.partial_dir}: it was started with a different configuration "
-                               f"(differs in: {', '.join(diff)}); use another --run-id or delete it")
+                               f"(differs in: {', '.join(diff[:8])}); use another --run-id or delete it")
         for stale in (self.partial_dir / SHARD_DIR).glob(".*.tmp-*") if clean else ():
             stale.unlink()  # a shard that was being written when the run was killed
         log.info("resuming %s: %d finished samples", self.partial_dir, len(self.finished()))
@@ -154,6 +153,15 @@ class RunWriter:
     def abandon(self) -> None:
         """Delete the partial directory (used by tests and by `--restart`)."""
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ (config.spec.layers, not just config)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        missing = object()
+        return [path for k in sorted(set(old) | set(new), key=str)
+                for path in _differences(old.get(k, missing), new.get(k, missing), f"{prefix}{k}.")]
+    return [prefix.rstrip(".") or "resume_key"] if old != new else []
 
 
 def _json_default(value: Any) -> Any:
