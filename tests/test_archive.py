@@ -286,7 +286,7 @@ def test_a_truncated_shard_fails_on_read(run, keep):
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
     a = Archive.open(run)  # opening reads the manifest only
-    np.testing.assert_array_equal(a.read(0, "final"), Archive.open(run).read(0, "final"))  # sample 0 intact
+    assert a.read(0, "final").shape == (16, 3, 4, 8)  # the other sample still reads
     with pytest.raises(ArchiveError, match="damaged or not a safetensors file"):
         a.act(SITE, "frame_mean", sample=1)
     with pytest.raises(ArchiveError, match="damaged or not a safetensors file"):

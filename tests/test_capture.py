@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cos_core.capture import SITE, Capturer, CaptureSpec
 from cos_core.archive import act_key, token_key
+from cos_core.capture import SITE, Capturer, CaptureSpec
 from cos_core.reductions import Reducer
 
 FAMILIES = ("wan_t2v", "wan_i2v", "wan22", "cogvideox", "ltx", "hunyuan")
@@ -114,7 +114,7 @@ def observed(request, tiny) -> Observed:
     return Observed(request.param, case_of(tiny, request.param))
 
 
-# ---- output and step tensors --------------------------------------------------------------------------------------
+# ---- output and step tensors -----------------------------------------------------------------------------------------
 
 
 def test_capture_leaves_the_output_bit_identical(observed):
@@ -168,7 +168,7 @@ def test_x0_hat_agrees_with_the_schedulers_own(observed):
                 res = fresh.step(v, int(st["t"]), x, return_dict=True)
             own = res.pred_original_sample if hasattr(res, "pred_original_sample") else res[1]
             np.testing.assert_allclose(t["x0_hat"][s], own.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {s}")
-    else:  # Euler has no x̂0 of its own: x̂0 must be where its step heads, x_{s+1} = x_s + (σ_{s+1}-σ_s)/σ_s (x_s - x̂0)
+    else:  # Euler has no x̂0 of its own; x̂0 must be where its step heads: x' = x + (σ'-σ)/σ (x - x̂0)
         assert kind == "FlowMatchEulerDiscreteScheduler", kind
         sig = [float(v) for v in scheduler.sigmas]
         for s in range(n - 1):
@@ -190,7 +190,7 @@ def test_decoder_mirrors_the_pipelines_own_decode(observed):
     assert np.abs(ours.numpy().astype(np.float64) - np.round(video * 255)).max() <= 1
 
 
-# ---- experts and CFG branches ---------------------------------------------------------------------------------------
+# ---- experts and CFG branches ----------------------------------------------------------------------------------------
 
 
 def test_expert_labels_name_the_module_that_ran(observed):
@@ -210,8 +210,7 @@ def test_wan22_switches_expert_at_the_boundary(tiny, name):
     experts = [st["expert"] for st in layout["steps"]]
     assert experts == ["transformer" if st["t"] >= boundary_t else "transformer_2" for st in layout["steps"]]
     assert experts[0] == "transformer" and experts[-1] == "transformer_2", experts
-    # the blocks of both experts were hooked: layer 0 has a value at every step and the two experts differ in kind
-    norms = tensors[act_key(SITE, "token_norm", "cond")][:, 0]  # (step, frame, row, col)
+    norms = tensors[act_key(SITE, "token_norm", "cond")][:, 0]  # (step, frame, row, col): both experts recorded
     assert np.isfinite(norms).all() and (norms > 0).all()
 
 
@@ -262,7 +261,7 @@ def test_guidance_off_captures_cond_only_and_it_matches_the_cond_branch(observed
     assert np.abs(solo - uncond).max() > 1e-3, "uncond branch looks like the conditional pass"
 
 
-# ---- reductions --------------------------------------------------------------------------------------------------
+# ---- reductions ------------------------------------------------------------------------------------------------------
 
 
 def adaptive_pool(x: np.ndarray, k: int) -> np.ndarray:
@@ -337,7 +336,7 @@ def test_bfloat16_hidden_states_reduce_in_float32():
         torch.testing.assert_close(half[name], full[name], rtol=2e-2, atol=2e-2)
 
 
-# ---- token order ------------------------------------------------------------------------------------------------------
+# ---- token order -----------------------------------------------------------------------------------------------------
 
 
 class _Stop(Exception):
@@ -389,7 +388,7 @@ def test_perturbing_one_latent_patch_changes_exactly_the_token_the_map_names(tin
         assert view[fi, ri, ci] and int(view.sum()) == 1
 
 
-# ---- hooks are always removed ------------------------------------------------------------------------------------------
+# ---- hooks are always removed ----------------------------------------------------------------------------------------
 
 
 def _hook_counts(pipe) -> dict:
@@ -473,6 +472,16 @@ def test_tokens_of_a_layer_outside_the_layer_selection_are_captured(tiny):
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_a_run_without_the_step_callback_is_refused_at_end_sample(tiny):
+    case = tiny("wan_t2v")
+    with Capturer(case.pipe, CaptureSpec(layers=0)) as cap:
+        cap.begin_sample()
+        generate(case)
+        with pytest.raises(RuntimeError, match="sample ended after 0 of 4 steps; was the pipeline run with "
+                                               "callback_on_step_end=cap.callback"):
+            cap.end_sample()
 
 
 def test_unsupported_pipeline_and_transformer_classes_are_named():
