@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     feat.add_argument("--labels", default="", help="labels to probe, comma list (default: every label_* column)")
     probe = p.add_argument_group("probes")
     probe.add_argument("--kind", default="logistic", choices=KINDS, help="probe objective (default logistic)")
-    probe.add_argument("--alpha", type=float, default=1e-2, help="L2 strength on the mean loss (default 0.01)")
+    probe.add_argument("--alpha", type=float, default=0.1, help="L2 strength on the mean loss (default 0.1)")
     probe.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by instance")
     probe.add_argument("--engine", default="auto", choices=ENGINES, help="auto: torch if installed, else sklearn")
     probe.add_argument("--device", default=None, help="torch device for the torch engine (default cuda if any)")

@@ -9,44 +9,67 @@ inverse is a recursive block (Schur complement) inversion made of matrix product
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 BLOCK = 128  # below this size the SPD inverse uses Cholesky directly
 TOL = 1e-4  # logistic: stop when no training logit moves by more than this in one step
 CHECK_EVERY = 10  # iterations between convergence checks (each one synchronises with the device)
 
 
+class NotPositiveDefinite(ArithmeticError):
+    """Cholesky failed in the working precision (the caller retries in float64)."""
+
+
 def spd_inverse(m: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """Inverse of symmetric positive definite matrices (..., n, n) by recursive 2x2 block elimination."""
+    """Inverse of symmetric positive definite matrices (..., n, n) by recursive 2x2 block elimination (Schur
+    complements), so that nearly all the work is matrix products; Cholesky below `block`."""
     n = m.shape[-1]
     if n <= block:
-        chol, info = torch.linalg.cholesky_ex(m)
-        if bool((info > 0).any()):
-            raise ValueError("a probe's regularised Gram matrix is not positive definite in float32; increase "
-                             "alpha (the L2 strength)")
-        return torch.cholesky_inverse(chol)
+        return _cholesky_inverse(m)
     k = n // 2
     a, b, d = m[..., :k, :k], m[..., :k, k:], m[..., k:, k:]
     a_inv = spd_inverse(a, block)
     a_inv_b = a_inv @ b  # (..., k, n-k)
     schur = d - b.mT @ a_inv_b
     s_inv = spd_inverse(0.5 * (schur + schur.mT), block)
+    del schur
     upper_right = -a_inv_b @ s_inv
     upper_left = a_inv - upper_right @ a_inv_b.mT
+    del a_inv, a_inv_b
     top = torch.cat([0.5 * (upper_left + upper_left.mT), upper_right], dim=-1)
     return torch.cat([top, torch.cat([upper_right.mT, s_inv], dim=-1)], dim=-2)
 
 
-def _inverse(m: torch.Tensor) -> torch.Tensor:
-    if m.device.type == "cuda":
-        return spd_inverse(m)
+def _cholesky_inverse(m: torch.Tensor) -> torch.Tensor:
+    """L^-T L^-1 from batched Cholesky and batched triangular solves (raises NotPositiveDefinite)."""
     chol, info = torch.linalg.cholesky_ex(m)
     if bool((info > 0).any()):
-        raise ValueError("a probe's regularised Gram matrix is not positive definite; increase alpha")
-    return torch.cholesky_inverse(chol)
+        raise NotPositiveDefinite
+    eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype).expand_as(m)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return chol_inv.mT @ chol_inv
+
+
+def _inverse(m: torch.Tensor) -> torch.Tensor:
+    """SPD inverse: block recursion on CUDA, LAPACK Cholesky on CPU; float64 when float32 is not enough."""
+    def once(x):
+        return spd_inverse(x) if x.device.type == "cuda" else _cholesky_inverse(x)
+
+    try:
+        return once(m)
+    except NotPositiveDefinite:
+        log.warning("float32 Cholesky failed for a probe system; retrying this chunk in float64")
+    try:
+        return once(m.double()).float()
+    except NotPositiveDefinite:
+        raise ValueError("a probe's regularised Gram matrix is not positive definite even in float64; increase "
+                         "alpha (the L2 strength)") from None
 
 
 def _padded(index_lists: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +91,10 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_cells(n: int, d: int, m: int, q: int, n_folds: int, tk: int, device: torch.device) -> int:
-    per_cell = 4 * (3 * n * d + 2 * n * n + n_folds * (7 * m * m + 2 * q * m + 14 * m * tk))
+    per_cell = 4 * (2 * n * d + 2 * n * n + n_folds * (6 * m * m + 2 * q * m + 16 * m * tk))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = 0.6 * free
+        budget = 0.5 * free
     else:
         budget = 2e9
     return max(1, int(budget // per_cell))
@@ -86,7 +109,7 @@ def fit_predict_torch(X, targets: np.ndarray, n_classes: np.ndarray, folds: np.n
     train = [np.flatnonzero(folds != f) for f in range(n_folds)]
     test = [np.flatnonzero(folds == f) for f in range(n_folds)]
     tr_idx, tr_ok = _padded(train, dev)  # (fold, m)
-    te_idx, te_ok = _padded(test, dev)  # (fold, q)
+    te_idx, _ = _padded(test, dev)  # (fold, q)
     m_f = torch.tensor([len(ix) for ix in train], device=dev, dtype=torch.float32)  # (fold,)
     y = torch.as_tensor(targets, device=dev)  # (target, sample)
     onehot = torch.nn.functional.one_hot(y[:, tr_idx], k_max).float()  # (target, fold, m, class)
@@ -106,15 +129,18 @@ def fit_predict_torch(X, targets: np.ndarray, n_classes: np.ndarray, folds: np.n
         z = _standardize(x)
         gram = z @ z.mT  # (cell, sample, sample)
         del x, z
-        gtt = gram[:, tr_idx[:, :, None], tr_idx[:, None, :]] * (w[:, :, None] * w[:, None, :])  # (c, f, m, m)
-        gte = gram[:, te_idx[:, :, None], tr_idx[:, None, :]] * w[:, None, :]  # (c, f, q, m)
+        ww = w[:, :, None] * w[:, None, :]  # (fold, m, m) training pairs
+        gtt = gram[:, tr_idx[:, :, None], tr_idx[:, None, :]].mul_(ww)  # (c, f, m, m)
+        gte = gram[:, te_idx[:, :, None], tr_idx[:, None, :]].mul_(w[:, None, :])  # (c, f, q, m)
         del gram
         r_tr = gtt.sum(-1) / m_f[:, None]  # (c, f, m) training-row means
         mu = (r_tr * w).sum(-1) / m_f  # (c, f)
-        gtt = (gtt - r_tr[..., :, None] - r_tr[..., None, :] + mu[..., None, None]) * (w[:, :, None] * w[:, None, :])
-        gte = (gte - (gte.sum(-1) / m_f[:, None])[..., None] - r_tr[..., None, :] + mu[..., None, None]) * w[:, None, :]
+        gtt.sub_(r_tr[..., :, None]).sub_(r_tr[..., None, :]).add_(mu[..., None, None]).mul_(ww)  # centred
+        gte.sub_((gte.sum(-1) / m_f[:, None])[..., None]).sub_(r_tr[..., None, :]).add_(mu[..., None, None])
+        gte.mul_(w[:, None, :])
         reg = alpha * m_f * (1.0 if kind == "ridge" else 2.0)  # (fold,)
-        system = gtt + reg[:, None, None] * torch.eye(gtt.shape[-1], device=dev)
+        system = gtt
+        system.diagonal(dim1=-2, dim2=-1).add_(reg[:, None])  # G_train + reg I, in place
         t1 = _tick(dev)
         inv = _inverse(system)  # (c, f, m, m)
         t2 = _tick(dev)
@@ -122,7 +148,7 @@ def fit_predict_torch(X, targets: np.ndarray, n_classes: np.ndarray, folds: np.n
             coef, bias = _ridge(system, inv, onehot, w, m_f)
             iters, conv = np.zeros(c1 - c0, dtype=np.int64), np.ones(c1 - c0, dtype=bool)
         else:
-            coef, bias, iters, conv = _logistic(gtt, inv, onehot, absent, w, m_f, alpha, max_iter)
+            coef, bias, iters, conv = _logistic(system, reg, inv, onehot, absent, w, m_f, alpha, max_iter)
         del system, inv, gtt
         logits = (gte @ coef.flatten(-2)).unflatten(-1, (n_targets, k_max)) + bias[:, :, None]  # (c, f, q, t, k)
         logits = logits.masked_fill(absent[None, :, None], float("-inf"))
@@ -155,21 +181,21 @@ def _ridge(system, inv, onehot, w, m_f):
     return coef.unflatten(-1, onehot.shape[-2:]), mean[None].expand(coef.shape[0], -1, -1, -1)
 
 
-def _logistic(gtt, inv, onehot, absent, w, m_f, alpha, max_iter):
+def _logistic(system, reg, inv, onehot, absent, w, m_f, alpha, max_iter):
     """Multinomial logistic regression in the dual: W = X_train^T A, step = (G/2m + alpha I)^-1 grad (Boehning's
     bound, so each plain step decreases the objective), accelerated (FISTA) with gradient restart per problem."""
-    c, f, m, _ = gtt.shape
+    c, f, m, _ = system.shape
     t, k = onehot.shape[-2:]
     mask = w[:, :, None, None]  # (f, m, 1, 1)
     counts = onehot.sum(1) + 1e-3  # (f, t, k)
     bias = torch.log(counts / counts.sum(-1, keepdim=True)).masked_fill(absent, 0.0)
     bias = (bias - bias.mean(-1, keepdim=True))[None].expand(c, -1, -1, -1).clone()  # (c, f, t, k)
-    coef = torch.zeros(c, f, m, t, k, device=gtt.device)
+    coef = torch.zeros(c, f, m, t, k, device=system.device)
     g_coef = torch.zeros_like(coef)  # G @ coef, tracked by linearity
     prev, g_prev, bias_prev = coef, g_coef, bias
-    momentum_t = torch.ones(c, f, t, device=gtt.device)
-    done_at = torch.full((c, f, t), max_iter, device=gtt.device, dtype=torch.long)
-    conv = torch.zeros(c, f, t, dtype=torch.bool, device=gtt.device)
+    momentum_t = torch.ones(c, f, t, device=system.device)
+    done_at = torch.full((c, f, t), max_iter, device=system.device, dtype=torch.long)
+    conv = torch.zeros(c, f, t, dtype=torch.bool, device=system.device)
     scale = (2.0 * m_f)[None, :, None, None]
     for it in range(max_iter):
         t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * momentum_t**2))
@@ -184,7 +210,8 @@ def _logistic(gtt, inv, onehot, absent, w, m_f, alpha, max_iter):
         step = (scale * (inv @ grad.flatten(-2))).unflatten(-1, (t, k)) * mask
         new = y_coef - step
         new_bias = y_bias - 2.0 * grad_bias
-        new_g = y_g - (gtt @ step.flatten(-2)).unflatten(-1, (t, k))
+        g_step = (system @ step.flatten(-2)).unflatten(-1, (t, k)) - reg[None, :, None, None, None] * step
+        new_g = y_g - g_step  # G @ new, with G = system - reg I
         moved = (new_g - g_coef).abs().amax((2, 4)) + (new_bias - bias).abs().amax(-1)  # (c, f, t)
         restart = ((grad * (new_g - g_coef)).sum((2, 4)) + (grad_bias * (new_bias - bias)).sum(-1)) > 0
         momentum_t = torch.where(restart, torch.ones_like(t_next), t_next)

@@ -32,7 +32,7 @@ class ProbeGrid:
     ``RidgeClassifier`` with ``alpha * n_train``). Both engines minimise the same objective on the same folds.
     """
 
-    def __init__(self, kind: str = "logistic", alpha: float = 1e-2, n_folds: int = 5, control: bool = True,
+    def __init__(self, kind: str = "logistic", alpha: float = 0.1, n_folds: int = 5, control: bool = True,
                  n_boot: int = N_BOOT, max_iter: int = 300, engine: str = "auto", device: str | None = None,
                  n_jobs: int = 1, random_state: int = 0):
         if kind not in KINDS:
@@ -52,9 +52,11 @@ class ProbeGrid:
         self.n_jobs, self.random_state = n_jobs, random_state
 
     # ---- fitting -----------------------------------------------------------------------------------------
-    def fit(self, X: Any, labels: Mapping[str, np.ndarray] | np.ndarray, groups: np.ndarray) -> "ProbeGrid":
+    def fit(self, X: Any, labels: Mapping[str, np.ndarray] | np.ndarray, groups: np.ndarray,
+            types: np.ndarray | None = None) -> "ProbeGrid":
         """X: (cell, sample, feature) numpy array or torch tensor; labels: {name: (sample,) ints} or one array;
-        groups: (sample,) instance of each sample (samples of one instance never cross folds)."""
+        groups: (sample,) instance of each sample (samples of one instance never cross folds); types: (sample,)
+        what the control task assigns random labels to (default: the groups, i.e. the instances)."""
         labels = {"label": labels} if not isinstance(labels, Mapping) else dict(labels)
         n_cells, n, n_features = check_features(X)
         self.label_names_ = list(labels)
@@ -70,7 +72,13 @@ class ProbeGrid:
             log.warning("only %d instances: using %d folds (leave one instance out)", self.n_groups_, self.n_folds_)
         rng = np.random.default_rng(self.random_state)
         self.folds_ = group_folds(self.group_, y[0], self.n_folds_, rng)
-        targets = np.concatenate([y, control_labels(y, self.group_, rng)]) if self.control else y
+        if types is None:
+            types_ = self.group_
+        else:
+            types_, _ = encode_groups(np.asarray(types))
+            if len(types_) != n:
+                raise ValueError(f"types has {len(types_)} entries, X has {n} samples")
+        targets = np.concatenate([y, control_labels(y, types_, rng)]) if self.control else y
         n_classes = np.array([len(c) for c in self.classes_] * (2 if self.control else 1))
         present = fold_class_mask(targets, n_classes, self.folds_, self.n_folds_)  # (target, fold, class)
         self._warn_missing(present[: len(y)])
@@ -210,8 +218,9 @@ def group_folds(group: np.ndarray, y: np.ndarray, n_folds: int, rng: np.random.G
 
 
 def control_labels(y: np.ndarray, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Control task per label: every instance takes the label of another random instance (a permutation of
-    instances), all its samples sharing it; only memorising inputs could fit it. (label, sample)."""
+    """Control task per label (Hewitt & Liang 2019): every type (instance) takes the label of another random type
+    (a permutation, so class frequencies stay), all its samples sharing it; a probe can fit it only by memorising
+    types. Under CV grouped by the same types it is a permutation baseline. (label, sample)."""
     n_groups = int(group.max()) + 1
     first = np.full(n_groups, -1)
     first[group[::-1]] = np.arange(len(group))[::-1]
