@@ -43,22 +43,29 @@ class DynamicsConfig:
 # ---- events: a pure function of one trajectory ----------------------------------------------------------------
 def detect_events(keys: list[str | None], correct: np.ndarray, score: np.ndarray,
                   config: DynamicsConfig = DynamicsConfig()) -> list[dict[str, Any]]:
-    """Events between consecutive steps of one sample: [{kind, index, ...}], index = position of the new state."""
+    """Events between consecutive steps of one sample: [{kind, index, ...}], index = position of the new state.
+
+    Both states must be established: the old one held for `persist` steps before (or since the first step), the
+    new one holds for `persist` steps (or to the last), so a one-step flicker is no event. A wrong->right change
+    that keeps the same discrete answer (it only became complete enough to grade right) is an enhancement.
+    """
     correct, score = np.asarray(correct, dtype=bool), np.asarray(score, dtype=float)
     n, events = len(keys), []
     for i in range(1, n):
-        hold = slice(i, min(n, i + config.persist))
+        before, after = slice(max(0, i - config.persist), i), slice(i, min(n, i + config.persist))
         prev_ok, now_ok = correct[i - 1], correct[i]
+        same_key = keys[i] is not None and keys[i] == keys[i - 1]
+        kept = all(k == keys[i - 1] for k in keys[before])
         kind = None
-        if not prev_ok and now_ok and correct[hold].all():
-            kind = "self_correction" if keys[i - 1] is not None else "emergence"
-        elif prev_ok and not now_ok and not correct[hold].any():
+        if not prev_ok and now_ok and not correct[before].any() and correct[after].all():
+            kind = "enhancement" if same_key else "self_correction" if keys[i - 1] is not None else "emergence"
+        elif prev_ok and not now_ok and correct[before].all() and not correct[after].any():
             kind = "regression"
-        elif (keys[i] is not None and keys[i] == keys[i - 1] and score[i] - score[i - 1] >= config.min_gain
-              and (score[hold] - score[i - 1] >= config.min_gain).all()):
+        elif (same_key and kept and prev_ok == now_ok and score[i] - score[i - 1] >= config.min_gain
+              and (score[after] - score[i - 1] >= config.min_gain).all()):
             kind = "enhancement"
-        elif (not prev_ok and not now_ok and keys[i - 1] is not None and keys[i] is not None
-              and keys[i] != keys[i - 1] and all(k == keys[i] for k in keys[hold])):
+        elif (not prev_ok and not now_ok and keys[i - 1] is not None and keys[i] is not None and not same_key
+              and kept and all(k == keys[i] for k in keys[after])):
             kind = "switch"
         if kind:
             events.append({"kind": kind, "index": i, "key_before": keys[i - 1], "key_after": keys[i],
