@@ -1,4 +1,4 @@
-"""Shared test plumbing: GPU-marked tests skip without CUDA, and a per-module cache of tiny pipelines."""
+"""Shared test plumbing: GPU tests skip without CUDA; tiny pipelines are built once per module, run on one thread."""
 
 from __future__ import annotations
 
@@ -22,7 +22,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box two threads run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(one_torch_thread):
     """`tiny(name, cfg=True, scheduler=None)`: a `TinyCase` built once per test module (building is seeded, so every
     module sees the same weights; running a pipeline resets its scheduler, so sharing the object is safe)."""
     from cos_core.tiny_pipelines import build_tiny
