@@ -94,7 +94,8 @@ def _chunk_cells(n: int, d: int, m: int, q: int, n_folds: int, tk: int, device: 
     per_cell = 4 * (2 * n * d + 2 * n * n + n_folds * (6 * m * m + 2 * q * m + 16 * m * tk))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = 0.5 * free
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+        budget = 0.5 * (free + cached)
     else:
         budget = 2e9
     return max(1, int(budget // per_cell))
