@@ -1,0 +1,333 @@
+"""Plotly figure builders for the dashboard and notebooks: x̂0 step grids, σ schedules, layer grids, PCA, and the
+derived tables (probe grid, events, memory, interventions, ensemble).
+
+Owns how each quantity is drawn and labelled (axes use the project vocabulary: step, sigma, layer, frame, sample).
+Every builder takes numpy arrays or DataFrames and returns a `go.Figure`; it reads no files. Imports numpy,
+pandas and plotly only: never streamlit, torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .dashboard_data import Frames, upscale
+
+GAP = 2  # pixels between tiles of a mosaic
+EXPERT_SYMBOLS = ("circle", "diamond", "square", "triangle-up")
+
+
+def _mosaic(tiles: np.ndarray, fill: float | int) -> np.ndarray:
+    """(rows, cols, h, w, ...) -> one image with GAP-pixel separators filled with `fill`."""
+    rows, cols, h, w = tiles.shape[:4]
+    out = np.full((rows * (h + GAP) - GAP, cols * (w + GAP) - GAP, *tiles.shape[4:]), fill, dtype=tiles.dtype)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * (h + GAP):r * (h + GAP) + h, c * (w + GAP):c * (w + GAP) + w] = tiles[r, c]
+    return out
+
+
+def _centres(n: int, side: int) -> list[float]:
+    return [i * (side + GAP) + (side - 1) / 2 for i in range(n)]
+
+
+def _image(img: np.ndarray, title: str) -> go.Figure:
+    fig = px.imshow(img, binary_string=True)
+    fig.update_traces(hoverinfo="skip", hovertemplate=None)
+    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def steps_grid(frames: Frames, sigma: dict[int, float] | None = None, title: str = "x̂0 over steps") -> go.Figure:
+    """The paper's Fig. 1 as one image: rows = denoising steps (top = noisiest), columns = video frames."""
+    tiles = upscale(frames.pixels, 64)  # (step, frame, h, w, 3)
+    h, w = tiles.shape[2:4]
+    fig = _image(_mosaic(tiles, 255), title)
+    sigma = sigma or {}
+    ylabels = [f"step {s}" + (f" · σ={sigma[s]:.2f}" if s in sigma else "") for s in frames.steps]
+    fig.update_xaxes(tickvals=_centres(len(frames.frames), w), ticktext=[f"frame {f}" for f in frames.frames],
+                     side="top", showticklabels=True)
+    fig.update_yaxes(tickvals=_centres(len(frames.steps), h), ticktext=ylabels, showticklabels=True)
+    fig.update_layout(height=min(2400, 80 + len(frames.steps) * max(h, 40) + 20))
+    return fig
+
+
+def filmstrip(video: np.ndarray, frame_ids: list[int], title: str) -> go.Figure:
+    """(frame, h, w, 3) uint8 as one row of frames."""
+    tiles = upscale(video, 64)[None]
+    fig = _image(_mosaic(tiles, 255), title)
+    fig.update_xaxes(tickvals=_centres(len(frame_ids), tiles.shape[3]),
+                     ticktext=[f"frame {f}" for f in frame_ids], showticklabels=True)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(height=max(160, tiles.shape[2] + 90))
+    return fig
+
+
+def steps_animation(frames: Frames, duration_ms: int = 400) -> go.Figure:
+    """x̂0 frames as a filmstrip that plays over steps (plotly's play button and step slider)."""
+    tiles = upscale(frames.pixels, 64)  # (step, frame, h, w, 3)
+    strips = np.stack([_mosaic(t[None], 255) for t in tiles])  # (step, H, W, 3)
+    fig = px.imshow(strips, animation_frame=0, binary_string=True, labels={"animation_frame": "step"})
+    fig.update_traces(hoverinfo="skip", hovertemplate=None)
+    for slider in fig.layout.sliders:
+        for i, s in enumerate(slider.steps):
+            s.label = str(frames.steps[i])
+    if fig.layout.updatemenus:
+        fig.layout.updatemenus[0].buttons[0].args[1]["frame"]["duration"] = duration_ms
+    fig.update_xaxes(tickvals=_centres(len(frames.frames), tiles.shape[3]),
+                     ticktext=[f"frame {f}" for f in frames.frames], showticklabels=True)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(title="x̂0 playing over denoising steps", height=max(260, tiles.shape[2] + 200),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def sigma_schedule(runs: dict[str, pd.DataFrame]) -> go.Figure:
+    """σ per step for one or more runs; marker symbol = expert (Wan 2.2's high/low-noise switch shows as a change)."""
+    fig = go.Figure()
+    for name, steps in runs.items():
+        experts = list(dict.fromkeys(steps["expert"].astype(str)))
+        symbols = [EXPERT_SYMBOLS[experts.index(e) % len(EXPERT_SYMBOLS)] for e in steps["expert"].astype(str)]
+        fig.add_trace(go.Scatter(x=steps["step"], y=steps["sigma"], mode="lines+markers", name=name,
+                                 marker=dict(symbol=symbols, size=9), customdata=np.stack(
+                                     [steps["t"], steps["expert"].astype(str)], axis=1),
+                                 hovertemplate="step %{x}<br>σ=%{y:.4f}<br>t=%{customdata[0]:.1f}"
+                                               "<br>expert %{customdata[1]}<extra>" + name + "</extra>"))
+    fig.update_layout(title="noise level σ per step (marker = expert)", xaxis_title="step (0 = noisiest)",
+                      yaxis_title="sigma", height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def answers_over_steps(table: pd.DataFrame) -> go.Figure:
+    """derived/step_answers as sample x step: 1 where the answer read from x̂0 is correct."""
+    grid = table.pivot_table(index="sample", columns="step", values="correct", aggfunc="mean")
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=[str(s) for s in grid.index], zmin=0, zmax=1,
+                               colorscale=[[0, "#d62728"], [1, "#2ca02c"]], colorbar=dict(title="correct"),
+                               hovertemplate="sample %{y}<br>step %{x}<br>correct %{z}<extra></extra>"))
+    fig.update_layout(title="answer read from x̂0 at each step (green = correct)", xaxis_title="step",
+                      yaxis_title="sample", height=max(220, 60 + 18 * len(grid)), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def token_norm_mosaic(grid: np.ndarray, layers: list[int], frames: list[int], step: int) -> go.Figure:
+    """(layer, frame, row, col) token norms as small multiples: rows = layers, columns = frames (paper Fig. 6)."""
+    tiles = grid.astype(np.float32)
+    img = _mosaic(tiles, np.nan)
+    rows, cols = tiles.shape[2:4]
+    fig = go.Figure(go.Heatmap(z=img, colorscale="Viridis", colorbar=dict(title="‖h‖"), hoverongaps=False,
+                               hovertemplate="‖h‖=%{z:.3g}<extra></extra>"))
+    fig.update_xaxes(tickvals=_centres(len(frames), cols), ticktext=[f"frame {f}" for f in frames], side="top",
+                     showgrid=False, zeroline=False)
+    fig.update_yaxes(tickvals=_centres(len(layers), rows), ticktext=[f"layer {l}" for l in layers],
+                     autorange="reversed", showgrid=False, zeroline=False, scaleanchor="x")
+    fig.update_layout(title=f"per-token L2 norm of each block's output at step {step}",
+                      height=min(2000, 120 + len(layers) * max(rows * 6, 40)), margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def layer_frame_heatmap(mean: np.ndarray, layers: list[int], frames: list[int], step: int) -> go.Figure:
+    """(layer, frame) mean token norm."""
+    fig = go.Figure(go.Heatmap(z=mean, x=[str(f) for f in frames], y=[str(l) for l in layers],
+                               colorscale="Viridis", colorbar=dict(title="mean ‖h‖"),
+                               hovertemplate="layer %{y}<br>frame %{x}<br>mean ‖h‖=%{z:.3g}<extra></extra>"))
+    fig.update_layout(title=f"mean token norm, layer x frame, step {step}", xaxis_title="frame",
+                      yaxis_title="layer", yaxis_autorange="reversed", height=max(260, 60 + 22 * len(layers)),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def pca_scatter(table: pd.DataFrame, ratio: np.ndarray, color: str = "layer") -> go.Figure:
+    """frame_mean PCA: one point per (layer, step); lines join the steps of one layer."""
+    fig = go.Figure()
+    for layer, part in table.groupby("layer"):
+        fig.add_trace(go.Scatter(x=part["pc1"], y=part["pc2"], mode="lines", line=dict(width=1, color="#bbb"),
+                                 hoverinfo="skip", showlegend=False))
+    fig.add_trace(go.Scatter(x=table["pc1"], y=table["pc2"], mode="markers", showlegend=False,
+                             marker=dict(color=table[color], colorscale="Viridis" if color == "layer" else "Plasma",
+                                         size=8, colorbar=dict(title=color)),
+                             customdata=np.stack([table["layer"], table["step"], table["sigma"]], axis=1),
+                             hovertemplate="layer %{customdata[0]}<br>step %{customdata[1]}"
+                                           "<br>σ=%{customdata[2]:.3f}<extra></extra>"))
+    fig.update_layout(title="PCA of frame-mean block outputs over layers and steps (lines join one layer's steps)",
+                      xaxis_title=f"PC1 ({ratio[0]:.0%} of variance)", yaxis_title=f"PC2 ({ratio[1]:.0%})",
+                      height=460, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def probe_heatmap(table: pd.DataFrame, metric: str) -> go.Figure:
+    """One label's probe grid: layer x step of `metric`, centred on chance (accuracy) or 0 (selectivity)."""
+    grid = table.pivot_table(index="layer", columns="step", values=metric, aggfunc="mean")
+    chance = float(table["chance"].mean())
+    mid = chance if metric in ("accuracy", "control_accuracy") else 0.0
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="RdBu_r", zmid=mid,
+                               colorbar=dict(title=metric),
+                               hovertemplate="layer %{y}<br>step %{x}<br>" + metric + "=%{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"probe {metric} per layer x step (white = {'chance ' if mid else ''}{mid:.2f}); "
+                            "click a cell", xaxis_title="step (0 = noisiest)", yaxis_title="layer",
+                      height=max(300, 80 + 22 * len(grid)), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def _ci(part: pd.DataFrame, y: str, low: str, high: str) -> dict | None:
+    """Asymmetric error bars from interval columns, when the table has them."""
+    if low not in part or high not in part:
+        return None
+    return dict(type="data", symmetric=False, array=part[high] - part[y], arrayminus=part[y] - part[low])
+
+
+def probe_curves(table: pd.DataFrame, metric: str, layer: int, step: int) -> go.Figure:
+    """The clicked cell's row and column: `metric` over steps at `layer`, and over layers at `step`."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"over steps, layer {layer}", f"over layers, step {step}"))
+    for col, (part, x) in enumerate(((table[table["layer"] == layer], "step"),
+                                     (table[table["step"] == step], "layer")), start=1):
+        part = part.sort_values(x)
+        err = _ci(part, metric, f"{metric}_ci_low", f"{metric}_ci_high") if metric != "accuracy" else \
+            _ci(part, metric, "ci_low", "ci_high")
+        fig.add_trace(go.Scatter(x=part[x], y=part[metric], mode="lines+markers", error_y=err, name=metric,
+                                 showlegend=col == 1), row=1, col=col)
+        if metric in ("accuracy", "control_accuracy"):
+            fig.add_trace(go.Scatter(x=part[x], y=part["chance"], mode="lines", line=dict(dash="dash", color="grey"),
+                                     name="chance", showlegend=col == 1), row=1, col=col)
+        fig.update_xaxes(title_text=x, row=1, col=col)
+    fig.update_yaxes(title_text=metric, row=1, col=1)
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def event_timeline(events: pd.DataFrame) -> go.Figure:
+    hover = [c for c in ("sigma", "expert", "key_before", "key_after", "score_before", "score_after",
+                         "change_spread") if c in events]
+    fig = px.scatter(events, x="step", y=events["sample"].astype(str), color="kind", symbol="kind", hover_data=hover)
+    fig.update_traces(marker=dict(size=11))
+    fig.update_layout(title="events per sample over steps", xaxis_title="step", yaxis_title="sample",
+                      height=max(260, 80 + 18 * events["sample"].nunique()), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def event_counts(events: pd.DataFrame) -> go.Figure:
+    counts = events.groupby(["step", "kind"]).size().reset_index(name="count")
+    fig = px.bar(counts, x="step", y="count", color="kind", barmode="stack")
+    fig.update_layout(title="events by step and kind", height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def event_rates(rates: pd.DataFrame) -> go.Figure:
+    """derived/event_rates: fraction of samples with each event kind at each step, with intervals."""
+    fig = go.Figure()
+    for kind, part in rates.groupby("kind"):
+        part = part.sort_values("step")
+        fig.add_trace(go.Scatter(x=part["step"], y=part["rate"], mode="lines+markers", name=str(kind),
+                                 error_y=_ci(part, "rate", "ci_low", "ci_high")))
+    fig.update_layout(title="event rate per step (fraction of samples; bars = instance bootstrap CI)",
+                      xaxis_title="step (0 = noisiest)", yaxis_title="rate", height=340,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def convergence(table: pd.DataFrame) -> go.Figure:
+    """derived/convergence for one sample: RMS distance of x̂0 to the final output, split static/moving."""
+    fig = go.Figure()
+    for col, name in (("dist_final", "all pixels"), ("scene_dist", "static scene"), ("motion_dist", "moving parts")):
+        if col in table and table[col].notna().any():
+            fig.add_trace(go.Scatter(x=table["step"], y=table[col], mode="lines+markers", name=name))
+    fig.update_layout(title="distance of x̂0 to the final video", xaxis_title="step (0 = noisiest)",
+                      yaxis_title="RMS distance", height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def memory_frames(table: pd.DataFrame, measure: str) -> go.Figure:
+    """derived/memory, x̂0 rows of one measure: value per step x (frame, phase); 'hidden' = object out of sight."""
+    part = table.assign(col=table["frame"].astype(str) + (" · " + table["phase"].astype(str) if "phase" in table
+                                                          else ""))
+    order = part.sort_values(["frame"])["col"].drop_duplicates().tolist()
+    grid = part.pivot_table(index="step", columns="col", values="value", aggfunc="mean").reindex(columns=order)
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, zmin=0, zmax=1, colorscale="Magma",
+                               colorbar=dict(title=measure),
+                               hovertemplate="step %{y}<br>frame · phase %{x}<br>%{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"{measure} read from x̂0, per step x frame", xaxis_title="frame · phase",
+                      yaxis_title="step (0 = noisiest)", yaxis_autorange="reversed", height=420,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def phase_curves(table: pd.DataFrame, measure: str) -> go.Figure:
+    """derived/memory rows aggregated per phase (frame = -1): value over steps, one line per phase."""
+    fig = go.Figure()
+    for phase, part in table.groupby("phase"):
+        part = part.sort_values("step")
+        fig.add_trace(go.Scatter(x=part["step"], y=part["value"], mode="lines+markers", name=str(phase),
+                                 error_y=_ci(part, "value", "ci_low", "ci_high")))
+    if "chance" in table and table["chance"].notna().any():
+        fig.add_hline(y=float(table["chance"].dropna().iloc[0]), line_dash="dash", line_color="grey",
+                      annotation_text="chance")
+    fig.update_layout(title=f"{measure} per step, by phase (before / hidden / after)", xaxis_title="step",
+                      yaxis_title=measure, height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def _curve(fig: go.Figure, part: pd.DataFrame, name: str, row: int, col: int) -> None:
+    part = part.sort_values("position")
+    if {"ci_low", "ci_high"} <= set(part.columns):
+        fig.add_trace(go.Scatter(x=list(part["position"]) + list(part["position"])[::-1],
+                                 y=list(part["ci_high"]) + list(part["ci_low"])[::-1], fill="toself",
+                                 line=dict(width=0), opacity=0.25, hoverinfo="skip", showlegend=False),
+                      row=row, col=col)
+    fig.add_trace(go.Scatter(x=part["position"], y=part["value"], mode="lines+markers", name=name), row=row, col=col)
+    if "baseline" in part and part["baseline"].notna().any():
+        fig.add_hline(y=float(part["baseline"].dropna().iloc[0]), line_dash="dash", line_color="grey", row=row,
+                      col=col)
+
+
+def intervention_curves(table: pd.DataFrame) -> go.Figure:
+    """Noise at one step (all frames) vs noise at one frame (all steps): score after the intervention."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("noise at one step (all frames)",
+                                                        "noise at one frame (all steps)"), shared_yaxes=True)
+    for col, kind in enumerate(("noise_step", "noise_frame"), start=1):
+        part = table[table["kind"] == kind]
+        if not part.empty:
+            _curve(fig, part, kind, 1, col)
+    fig.update_xaxes(title_text="step replaced", row=1, col=1)
+    fig.update_xaxes(title_text="frame replaced", row=1, col=2)
+    fig.update_yaxes(title_text="score", row=1, col=1)
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def layer_swap_bars(table: pd.DataFrame) -> go.Figure:
+    part = table[table["kind"] == "layer_swap"].sort_values("position")
+    err = dict(type="data", symmetric=False, array=part["ci_high"] - part["value"],
+               arrayminus=part["value"] - part["ci_low"]) if {"ci_low", "ci_high"} <= set(part.columns) else None
+    fig = go.Figure(go.Bar(x=part["position"], y=part["value"], error_y=err))
+    fig.update_layout(title="layer swap: how often the answer flips, per layer", xaxis_title="layer",
+                      yaxis_title="flip rate", height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def propagation_matrix(table: pd.DataFrame) -> go.Figure:
+    grid = table.pivot_table(index="inject_step", columns="measure_step", values="dissimilarity", aggfunc="mean")
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Inferno",
+                               colorbar=dict(title="1 - CKA"),
+                               hovertemplate="inject %{y}<br>measure %{x}<br>1-CKA %{z:.3f}<extra></extra>"))
+    fig.update_layout(title="propagation of a perturbation (1 - linear CKA)", xaxis_title="measure step",
+                      yaxis_title="inject step", yaxis_autorange="reversed", height=420,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def ensemble_curves(table: pd.DataFrame) -> go.Figure:
+    """Accuracy vs merge steps K, one line per (method, n), with confidence intervals when present."""
+    fig = go.Figure()
+    for (method, n), part in table.groupby(["method", "n"]):
+        part = part.sort_values("k")
+        err = dict(type="data", symmetric=False, array=part["ci_high"] - part["accuracy"],
+                   arrayminus=part["accuracy"] - part["ci_low"]) if {"ci_low", "ci_high"} <= set(part) else None
+        dash = "dash" if "noise" in str(method) or "control" in str(method) else "solid"
+        fig.add_trace(go.Scatter(x=part["k"], y=part["accuracy"], error_y=err, mode="lines+markers",
+                                 line=dict(dash=dash), name=f"{method}, n={n}"))
+    fig.update_layout(title="latent ensemble: accuracy vs merge steps K (dashed = noise-mean control)",
+                      xaxis_title="K (steps merged)", yaxis_title="accuracy", height=400,
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig

@@ -1,0 +1,261 @@
+"""Plumbing every dashboard page shares: the sidebar (runs directory, run, sample), widgets mirrored into the URL,
+cached archive reads keyed by path + manifest mtime, figure + download rendering, and error cards.
+
+Owns the rule that pages see only runs under the configured runs directories, and that expected problems become
+`st.error` + `st.stop()` cards, never tracebacks. Imports streamlit, numpy/pandas and cos_core's torch-free
+modules only (archive, dashboard_data, plots): never torch or diffusers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from cos_core import dashboard_data as dd
+from cos_core.archive import DERIVED_DIR, Archive, ArchiveError, check_name, list_runs
+
+APP_DIR = Path(__file__).resolve().parent.parent
+URL_KEYS = "_cos_url_keys"   # session key: the widget keys mirrored into the URL during this run
+SELECTION = "_cos_selection"
+
+
+# ---- error cards -------------------------------------------------------------------------------------------
+def stop() -> None:
+    """End this page's run early; the URL keeps only what this run's widgets published (after `st.stop()` a
+    change to `st.query_params` is no longer sent, so the clean-up happens first)."""
+    end_url_sync()
+    st.stop()
+
+
+def fail(message: str) -> None:
+    """An expected problem: an error card, then stop this page (the sidebar and other pages keep working)."""
+    st.error(message, icon=":material/error:")
+    stop()
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Turn archive problems raised inside the block into an error card."""
+    try:
+        yield
+    except ArchiveError as err:
+        fail(f"This run cannot be shown: {err}")
+
+
+# ---- widgets mirrored into the URL -------------------------------------------------------------------------
+def _seed(key: str, options: Sequence[Any], default: Any) -> None:
+    """Before a widget is drawn: keep a valid session value, else take a valid URL value, else `default`."""
+    if key in st.session_state and st.session_state[key] in options:
+        return
+    raw = st.query_params.get(key)
+    match = next((o for o in options if str(o) == raw), None) if raw is not None else None
+    st.session_state[key] = match if match is not None else (default if default in options else options[0])
+
+
+def _publish(key: str, value: Any) -> None:
+    st.query_params[key] = str(value)
+    st.session_state.setdefault(URL_KEYS, set()).add(key)
+
+
+def begin_url_sync() -> None:
+    st.session_state[URL_KEYS] = set()
+
+
+def end_url_sync(always: Sequence[str] = ()) -> None:
+    """Drop URL parameters that no widget of this run published (stale keys of another page)."""
+    keep = st.session_state.get(URL_KEYS, set()) | set(always)
+    for key in list(st.query_params.keys()):
+        if key not in keep:
+            del st.query_params[key]
+
+
+def select(label: str, options: Sequence[Any], key: str, default: Any = None, where: Any = st,
+           **kwargs: Any) -> Any:
+    """`st.selectbox` whose value lives in the URL as `?key=value`."""
+    options = list(options)
+    if not options:
+        fail(f"nothing to choose for {label!r}")
+    _seed(key, options, default)
+    value = where.selectbox(label, options, key=key, **kwargs)
+    _publish(key, value)
+    return value
+
+
+def slider(label: str, options: Sequence[Any], key: str, default: Any = None, where: Any = st,
+           **kwargs: Any) -> Any:
+    """`st.select_slider` whose value lives in the URL (a plain selectbox when there is one option)."""
+    options = list(options)
+    if len(options) < 2:
+        return select(label, options, key, default, where, **kwargs)
+    _seed(key, options, default)
+    value = where.select_slider(label, options, key=key, **kwargs)
+    _publish(key, value)
+    return value
+
+
+# ---- runs: discovery and cached reads ------------------------------------------------------------------------
+def roots() -> list[Path]:
+    return dd.runs_dirs(APP_DIR)
+
+
+def _stamp(root: Path) -> tuple:
+    if not root.is_dir():
+        return ()
+    return tuple(sorted((c.name, dd.manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _scan(root: str, stamp: tuple) -> tuple[list[str], dict[str, str]]:
+    good, bad = list_runs(root)
+    names = []
+    for archive in good:
+        try:
+            dd.run_path(Path(root), archive.path.name)  # a link that leads outside the root is refused
+            names.append(archive.path.name)
+        except ArchiveError as err:
+            bad[archive.path.name] = str(err)
+    return names, bad
+
+
+def scan(root: Path) -> tuple[list[str], dict[str, str]]:
+    """(readable run directory names, {name: problem}) under one configured runs directory."""
+    return _scan(str(root), _stamp(root))
+
+
+@st.cache_resource(max_entries=256, show_spinner=False)
+def _open(path: str, mtime: int) -> Archive:
+    return Archive.open(path)
+
+
+def open_run(root: Path, name: str) -> Archive:
+    path = dd.run_path(root, name)
+    return _open(str(path), dd.manifest_mtime(path))
+
+
+def open_live(path: Path) -> Archive:
+    """A run the Live page just made in its own temporary directory (not under the configured roots)."""
+    return _open(str(path), dd.manifest_mtime(path))
+
+
+def key_of(archive: Archive) -> tuple[str, int]:
+    """What cached reads of an archive are keyed by: its path and its manifest's mtime."""
+    return str(archive.path), dd.manifest_mtime(archive.path)
+
+
+def cached(fn: Callable, archive: Archive, *args: Any) -> Any:
+    """`fn(archive, *args)` cached on (archive path, manifest mtime, fn, args)."""
+    return _cached_call(fn.__module__, fn.__qualname__, *key_of(archive), *args)
+
+
+@st.cache_data(max_entries=96, show_spinner=False)
+def _cached_call(module: str, name: str, path: str, mtime: int, *args: Any) -> Any:
+    import importlib
+
+    fn = importlib.import_module(module)
+    for part in name.split("."):
+        fn = getattr(fn, part)
+    return fn(_open(path, mtime), *args)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _derived(path: str, mtime: int, name: str, table_mtime: int) -> pd.DataFrame:
+    return _open(path, mtime).derived(name)
+
+
+def derived(archive: Archive, name: str, page_what: str) -> pd.DataFrame | None:
+    """The derived table `name` if `cos analyze` wrote it (columns checked), else an explanation and None."""
+    spec = dd.DERIVED[name]
+    file = archive.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
+    if not file.is_file():
+        st.info(f"**Not computed yet for `{archive.run_id}`.** {page_what}\n\nThis view plots "
+                f"`derived/{name}.parquet` ({spec.what}), which `cos analyze` writes into the run. Expected "
+                f"columns: `{'`, `'.join(spec.required)}` (optional: `{'`, `'.join(spec.optional)}`); "
+                "see docs/dashboard.md.", icon=":material/hourglass_empty:")
+        return None
+    with guard():
+        return dd.check_derived(name, _derived(*key_of(archive), name, file.stat().st_mtime_ns))
+
+
+# ---- the sidebar ---------------------------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """What the sidebar picked. `archive`/`sample` are None when there is no readable run."""
+
+    root: Path
+    runs: list[str]
+    bad: dict[str, str] = field(default_factory=dict)
+    archive: Archive | None = None
+    sample: int | None = None
+
+
+def sidebar() -> Selection:
+    """Draw the shared sidebar and remember the selection for the page script."""
+    configured = roots()
+    with st.sidebar:
+        st.markdown("### Run")
+        root = configured[0]
+        if len(configured) > 1:
+            root = Path(select("runs directory", [str(r) for r in configured], "dir"))
+        runs, bad = scan(root)
+        sel = Selection(root=root, runs=runs, bad=bad)
+        if bad:
+            st.warning(f"{len(bad)} run(s) in this directory cannot be read; the Overview page says why.", icon=":material/warning:")
+        if not runs:
+            st.caption(f"No readable runs in `{root}`.")
+        else:
+            name = select("run", runs, "run")
+            try:
+                sel.archive = open_run(root, name)
+                samples = cached(_samples, sel.archive)
+                labels = {int(r["sample"]): dd.sample_label(r) for _, r in samples.iterrows()}
+                sel.sample = select("sample", list(labels), "sample", format_func=labels.get)
+            except ArchiveError as err:
+                st.error(f"`{name}`: {err}", icon=":material/error:")
+                sel.archive = sel.sample = None
+    st.session_state[SELECTION] = sel
+    return sel
+
+
+def _samples(archive: Archive) -> pd.DataFrame:
+    table = archive.samples.copy()
+    if "sample" not in table:
+        table["sample"] = range(len(table))
+    return table
+
+
+def samples(archive: Archive) -> pd.DataFrame:
+    return cached(_samples, archive)
+
+
+def selection() -> Selection:
+    sel = st.session_state.get(SELECTION)
+    if sel is None:  # a page run on its own (not through app.py)
+        sel = sidebar()
+    return sel
+
+
+def require_run() -> tuple[Archive, int]:
+    """The selected run and sample, or an error card that says how to get one."""
+    sel = selection()
+    if sel.archive is None or sel.sample is None:
+        fail(f"No readable run is selected. Make one with `cos capture --runs-dir {sel.root}` or point "
+             f"`{dd.RUNS_ENV}` at a folder of runs; the Overview page lists what was found.")
+    return sel.archive, sel.sample
+
+
+# ---- figures -------------------------------------------------------------------------------------------------
+def show(fig: Any, data: pd.DataFrame | Callable[[], pd.DataFrame], name: str, **chart: Any) -> Any:
+    """`st.plotly_chart` plus downloads of the figure (self-contained HTML) and its data (CSV), built on click."""
+    event = st.plotly_chart(fig, key=f"fig-{name}", **chart)
+    table = data if callable(data) else (lambda: data)
+    left, right, _ = st.columns([1, 1, 3])
+    left.download_button("⬇ figure (HTML)", data=lambda: fig.to_html(include_plotlyjs=True), file_name=f"{name}.html",
+                         mime="text/html", key=f"html-{name}", on_click="ignore")
+    right.download_button("⬇ data (CSV)", data=lambda: table().to_csv(index=False), file_name=f"{name}.csv",
+                          mime="text/csv", key=f"csv-{name}", on_click="ignore")
+    return event
