@@ -28,7 +28,7 @@ def bootstrap_weights(n_groups: int, n_boot: int = N_BOOT, seed: int = 0) -> np.
 
 def group_mean_ci(values: np.ndarray, group: np.ndarray, n_groups: int, weights: np.ndarray,
                   level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over samples and its percentile interval from resampling whole groups.
+    """Mean over samples and its percentile interval from resampling whole groups (NaN when nothing measured).
 
     values: (..., n) per-sample numbers (NaN = not measured, left out); group: (n,) dense group index;
     weights: (n_boot, n_groups) from `bootstrap_weights`. Returns mean, low, high, each of shape (...).
@@ -37,25 +37,20 @@ def group_mean_ci(values: np.ndarray, group: np.ndarray, n_groups: int, weights:
     ok = np.isfinite(values)
     onehot = np.zeros((values.shape[-1], n_groups))
     onehot[np.arange(values.shape[-1]), group] = 1.0
-    sums = np.where(ok, values, 0.0) @ onehot  # (..., group)
-    counts = ok.astype(np.float64) @ onehot  # (..., group)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums.sum(-1) / counts.sum(-1)
-        boot = (sums @ weights.T) / (counts @ weights.T)  # (..., n_boot)
+    if ok.all():  # the common case: every sample measured, so the denominators are shared
+        sums = values @ onehot  # (..., group)
+        sizes = onehot.sum(0)  # (group,)
+        mean = sums.sum(-1) / sizes.sum()
+        boot = (sums @ weights.T) / (weights @ sizes)  # (..., n_boot)
+        quantile = np.quantile
+    else:
+        sums = np.where(ok, values, 0.0) @ onehot  # (..., group)
+        counts = ok.astype(np.float64) @ onehot  # (..., group)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = sums.sum(-1) / counts.sum(-1)
+            boot = (sums @ weights.T) / (counts @ weights.T)  # (..., n_boot)
+        quantile = np.nanquantile
     alpha = (1.0 - level) / 2.0
-    low = np.nanquantile(boot, alpha, axis=-1) if np.isfinite(boot).any() else np.full(mean.shape, np.nan)
-    high = np.nanquantile(boot, 1.0 - alpha, axis=-1) if np.isfinite(boot).any() else np.full(mean.shape, np.nan)
-    return mean, np.asarray(low), np.asarray(high)
-
-
-def wilson(successes: np.ndarray | int, n: np.ndarray | int, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a proportion (for counts of independent trials); NaN where n == 0."""
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + level / 2.0)
-    k, n = np.asarray(successes, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    if not np.isfinite(boot).any():
+        return mean, np.full(np.shape(mean), np.nan), np.full(np.shape(mean), np.nan)
+    return mean, quantile(boot, alpha, axis=-1), quantile(boot, 1.0 - alpha, axis=-1)
