@@ -145,7 +145,9 @@ def run_convergence(archive: Archive, config: DynamicsConfig = DynamicsConfig(),
         rows.append(conv)
         phases.append({"sample": sample, **phase_steps(conv, steps, config)})
     conv = _with_meta(archive, pd.concat(rows, ignore_index=True))
-    return {"convergence": conv, "phases": _with_meta(archive, pd.DataFrame(phases), steps=False)}
+    phases = pd.DataFrame(phases).astype({"scene_settle_step": "Int64", "motion_appear_step": "Int64",
+                                          "motion_settle_step": "Int64", "perception_first": "boolean"})
+    return {"convergence": conv, "phases": _with_meta(archive, phases, steps=False)}
 
 
 def sample_trajectory(task, inst, sf: StepFrames, config: DynamicsConfig) -> tuple[pd.DataFrame, list, list]:
@@ -199,6 +201,8 @@ def run_dynamics(archive: Archive, config: DynamicsConfig = DynamicsConfig(),
     answers = _with_meta(archive, pd.concat(trajs, ignore_index=True))
     event_table = pd.DataFrame(events, columns=["sample", "kind", "step", "key_before", "key_after", "score_before",
                                                 "score_after", "change_spread"])
+    event_table = event_table.astype({"sample": "int64", "step": "int64", "score_before": "float64",
+                                      "score_after": "float64", "change_spread": "float64"})
     out = {"step_answers": answers, "events": _with_meta(archive, event_table),
            "event_rates": event_rates(archive, answers, event_table)}
     if cands:
