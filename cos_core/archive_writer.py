@@ -64,13 +64,18 @@ class RunWriter:
             self._create()
 
     def _create(self) -> None:
-        try:
-            (self.partial_dir / SHARD_DIR).mkdir(parents=True)
-        except OSError as err:
-            raise ArchiveError(f"cannot create the run directory {self.partial_dir}: {err.strerror}") from None
+        """Build the partial directory under a hidden temporary name and rename it, so that a `<run>.partial`
+        always holds its resume key (a kill here leaves only a hidden `.<run>.partial.tmp-<pid>`)."""
+        tmp = self.runs_dir / f".{self.partial_dir.name}.tmp-{os.getpid()}"
         body = {"schema_version": SCHEMA_VERSION, "run_id": self.run_id, "resume_key": self.resume_key}
-        atomic_write(self.partial_dir / PARTIAL_MANIFEST,
-                     lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1, sort_keys=True)))
+        try:
+            (tmp / SHARD_DIR).mkdir(parents=True)
+            atomic_write(tmp / PARTIAL_MANIFEST,
+                         lambda t: Path(t).write_text(json.dumps(body, indent=1, sort_keys=True)))
+            os.rename(tmp, self.partial_dir)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArchiveError(f"cannot create the run directory {self.partial_dir}: {err.strerror}") from None
 
     def _check_resumable(self, clean: bool) -> None:
         path = self.partial_dir / PARTIAL_MANIFEST
