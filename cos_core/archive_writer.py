@@ -54,6 +54,9 @@ class RunWriter:
                 raise RunExistsError(f"a complete run already exists at {self.final_dir}; choose another --run-id "
                                      "or delete it yourself (cos-lab never overwrites a run)")
             raise ArchiveError(f"{self.final_dir} exists and is not a cos-lab run; refusing to touch it")
+        published = (self.partial_dir / MANIFEST).is_file() and not (self.partial_dir / PARTIAL_MANIFEST).exists()
+        if published and not join:
+            self._publish_interrupted()
         self.resumed = self.partial_dir.is_dir()
         if join and not self.resumed:
             raise ArchiveError(f"{self.partial_dir} does not exist: rank 0 should have created it (shared "
@@ -76,6 +79,14 @@ class RunWriter:
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ArchiveError(f"cannot create the run directory {self.partial_dir}: {err.strerror}") from None
+
+    def _publish_interrupted(self) -> None:
+        """A run killed between removing its resume key and its final rename is complete: finish the rename."""
+        read_manifest(self.partial_dir)
+        os.replace(self.partial_dir, self.final_dir)
+        _fsync_dir(self.runs_dir)
+        raise RunExistsError(f"a complete run already exists at {self.final_dir} (its capture was interrupted while "
+                             "publishing, which has now finished); choose another --run-id")
 
     def _check_resumable(self, clean: bool) -> None:
         path = self.partial_dir / PARTIAL_MANIFEST
@@ -148,11 +159,11 @@ class RunWriter:
                 "shards": [shard_name(i) for i in range(n_samples)]}
         text = json.dumps(body, indent=1, sort_keys=True, default=_json_default)
         atomic_write(self.partial_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        read_manifest(self.partial_dir)  # what we publish must pass our own reader
         (self.partial_dir / PARTIAL_MANIFEST).unlink()
         _fsync_dir(self.partial_dir)
         os.replace(self.partial_dir, self.final_dir)
         _fsync_dir(self.runs_dir)
-        read_manifest(self.final_dir)  # what we publish must pass our own reader
         return self.final_dir
 
     def abandon(self) -> None:
