@@ -100,8 +100,9 @@ class RunWriter:
             diff = _differences(old, self.resume_key)
             raise ArchiveError(f"cannot resume {self.partial_dir}: it was started with a different configuration "
                                f"(differs in: {', '.join(diff[:8])}); use another --run-id or delete it")
-        for stale in (self.partial_dir / SHARD_DIR).glob(".*.tmp-*") if clean else ():
-            stale.unlink()  # a shard that was being written when the run was killed
+        for folder in (self.partial_dir, self.partial_dir / SHARD_DIR) if clean else ():
+            for stale in folder.glob(".*.tmp-*"):
+                stale.unlink()  # a shard, samples table or manifest that was being written when the run was killed
         log.info("resuming %s: %d finished samples", self.partial_dir, len(self.finished()))
 
     # ---- shards ------------------------------------------------------------------------------------------
