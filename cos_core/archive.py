@@ -370,8 +370,12 @@ def list_runs(runs_dir: str | os.PathLike) -> tuple[list[Archive], dict[str, str
     good, bad = [], {}
     if not runs_dir.is_dir():
         return good, bad
+    root = runs_dir.resolve()
     for child in sorted(runs_dir.iterdir()):
         if not child.is_dir() or child.name.startswith(".") or child.name.endswith(PARTIAL_SUFFIX):
+            continue
+        if child.is_symlink() and root not in child.resolve().parents:
+            bad[child.name] = f"{child} links outside the runs directory ({child.resolve()}); not followed"
             continue
         try:
             good.append(Archive.open(child))
