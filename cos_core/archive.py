@@ -93,11 +93,18 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArchiveError(f"{run_dir} is not a cos-lab archive: no {MANIFEST} (an unfinished capture lives in "
                            f"'<run>{PARTIAL_SUFFIX}' until it completes)")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ArchiveError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArchiveError(f"{path} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except OSError as err:
+        raise ArchiveError(f"{path} cannot be read: {err.strerror or err}") from None
+    except RecursionError:
+        raise ArchiveError(f"{path} is not valid JSON: nested too deeply") from None
+    except ArchiveError:
+        raise
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, integers of more than 4300 digits
         raise ArchiveError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict):
         raise ArchiveError(f"{path} must hold a JSON object, found {type(manifest).__name__}")
@@ -330,7 +337,7 @@ class Archive:
             return []
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:
             raise ArchiveError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, list):
             raise ArchiveError(f"{path} must hold a JSON list of labels")
