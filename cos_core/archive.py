@@ -93,6 +93,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArchiveError(f"{run_dir} is not a cos-lab archive: no {MANIFEST} (an unfinished capture lives in "
                            f"'<run>{PARTIAL_SUFFIX}' until it completes)")
+    inside(run_dir, path, MANIFEST)
     try:
         size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
@@ -119,6 +120,14 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise ArchiveError(f"{path} is not marked complete; the run was not finished")
     _check_shards(Path(run_dir), manifest)
     return manifest
+
+
+def inside(run_dir: Path, path: Path, what: str) -> Path:
+    """`path`, after checking that it resolves inside `run_dir` (a symlink must not lead a reader elsewhere)."""
+    real = Path(path).resolve()
+    if Path(run_dir).resolve() not in real.parents:
+        raise ArchiveError(f"{run_dir}: {what} resolves outside the run directory ({real}); refusing to read it")
+    return path
 
 
 def _check_shards(run_dir: Path, manifest: dict) -> None:
@@ -172,6 +181,7 @@ class Archive:
         path = self.path / SAMPLES
         if not path.is_file():
             raise ArchiveError(f"{self.path}: {SAMPLES} is missing")
+        inside(self.path, path, SAMPLES)
         try:
             table = pd.read_parquet(path)
         except Exception as err:  # pyarrow raises several types for a damaged file
@@ -321,6 +331,7 @@ class Archive:
         if not path.is_file():
             raise ArchiveError(f"{self.run_id} has no derived table {name!r} (run `cos analyze`); has: "
                                f"{self.derived_names()}")
+        inside(self.path, path, f"{DERIVED_DIR}/{path.name}")
         try:
             return pd.read_parquet(path)
         except Exception as err:
@@ -329,12 +340,14 @@ class Archive:
     def write_derived(self, name: str, table: pd.DataFrame) -> Path:
         path = self.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
         path.parent.mkdir(exist_ok=True)
+        inside(self.path, path.parent / "x", f"{DERIVED_DIR}/")  # never write through a linked folder
         return atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
     def annotations(self) -> list[dict[str, Any]]:
         path = self.path / ANNOTATIONS
         if not path.is_file():
             return []
+        inside(self.path, path, ANNOTATIONS)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as err:
