@@ -110,7 +110,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ArchiveError(f"{path} must hold a JSON object, found {type(manifest).__name__}")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         raise ArchiveError(f"{path}: schema_version {version!r} is not supported by this cos-lab (reads "
                            f"{SCHEMA_VERSION}); re-capture the run or install the matching cos-lab version")
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
@@ -118,6 +118,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise ArchiveError(f"{path} misses required keys: {', '.join(missing)}")
     if manifest["complete"] is not True:
         raise ArchiveError(f"{path} is not marked complete; the run was not finished")
+    _check_types(path, manifest)
     _check_shards(Path(run_dir), manifest)
     return manifest
 
@@ -128,6 +129,56 @@ def inside(run_dir: Path, path: Path, what: str) -> Path:
     if Path(run_dir).resolve() not in real.parents:
         raise ArchiveError(f"{run_dir}: {what} resolves outside the run directory ({real}); refusing to read it")
     return path
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _ints(v: Any, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(v, list) and all(_is_int(x, low) and (high is None or x < high) for x in v)
+
+
+def _check_types(path: Path, m: dict) -> None:
+    """Every manifest field a reader indexes has the type it needs, so a damaged manifest fails here, at open."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ArchiveError(f"{path}: {what}")
+
+    need(isinstance(m["run_id"], str), f"run_id must be a string, found {m['run_id']!r}")
+    need(_is_int(m["n_samples"], 1), f"n_samples is {m['n_samples']!r}: a run needs at least one sample (an "
+                                     "empty run holds nothing to read)")
+    n = m["n_steps"]
+    need(_is_int(n, 1), f"n_steps is {n!r}: a run needs at least one denoising step")
+    steps = m["steps"]
+    need(isinstance(steps, list) and len(steps) == n, f"'steps' must list {n} steps (n_steps)")
+    for i, s in enumerate(steps):
+        need(isinstance(s, dict) and s.get("step") == i and _is_int(s.get("step"))
+             and all(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) for k in ("t", "sigma")),
+             f"steps[{i}] must be {{step: {i}, t: number, sigma: number, expert}}, found {s!r}")
+    for key, fields in (("latent", ("channels", "frames", "height", "width")),
+                        ("token_grid", ("frames", "rows", "cols"))):
+        need(isinstance(m[key], dict) and all(_is_int(m[key].get(f), 1) for f in fields),
+             f"'{key}' must give positive integers {', '.join(fields)}, found {m[key]!r}")
+    need(isinstance(m["tensors"], dict), "'tensors' must be an object")
+    for name, info in m["tensors"].items():
+        need(isinstance(info, dict) and _ints(info.get("steps"), 0, n) and _ints(info.get("shape"), 1)
+             and isinstance(info.get("dtype"), str), f"tensors.{name} must give steps (0..{n - 1}), shape, dtype")
+    need(isinstance(m["sites"], dict), "'sites' must be an object")
+    for name, site in m["sites"].items():
+        ok = (isinstance(site, dict) and _ints(site.get("layers")) and _ints(site.get("steps"), 0, n)
+              and isinstance(site.get("branches"), list) and set(site["branches"]) <= set(BRANCHES)
+              and _is_int(site.get("dim"), 1) and isinstance(site.get("dtype", "float32"), str)
+              and isinstance(site.get("reductions"), dict)
+              and all(isinstance(r, dict) and _ints(r.get("shape")) for r in site["reductions"].values())
+              and isinstance(site.get("tokens", []), list)
+              and all(_ints(p) and len(p) == 2 for p in site.get("tokens", []))
+              and isinstance(site.get("token_dtype", ""), (str, type(None))))
+        need(ok, f"sites.{name} must give layers, steps (0..{n - 1}), branches (of {list(BRANCHES)}), dim, "
+                 "reductions {name: {shape}}, tokens [[layer, step], ...] and token_dtype")
+    decoded = m.get("decoded")
+    need(decoded is None or (isinstance(decoded, dict) and _ints(decoded.get("steps"), 0, n)
+                             and _ints(decoded.get("shape"), 1)), "'decoded' must be null or {steps, shape}")
 
 
 def _check_shards(run_dir: Path, manifest: dict) -> None:
@@ -191,6 +242,8 @@ class Archive:
         if "sample_id" in table and table["sample_id"].duplicated().any():
             dup = table["sample_id"][table["sample_id"].duplicated()].iloc[0]
             raise ArchiveError(f"{path}: duplicate sample_id {dup!r}")
+        if "sample" not in table or table["sample"].tolist() != list(range(self.n_samples)):
+            raise ArchiveError(f"{path}: column 'sample' must number the rows 0..{self.n_samples - 1} in order")
         return table
 
     @property

@@ -139,6 +139,8 @@ class RunWriter:
     # ---- publish -----------------------------------------------------------------------------------------
     def finalize(self, n_samples: int, manifest: dict[str, Any]) -> Path:
         """Check every sample is written, write samples.parquet and the manifest (last), then rename."""
+        if n_samples < 1:
+            raise ArchiveError(f"cannot finalize {self.run_id}: a run needs at least one sample")
         missing = sorted(set(range(n_samples)) - self.finished())
         if missing:
             raise ArchiveError(f"cannot finalize {self.run_id}: samples {missing[:10]} not written yet")
