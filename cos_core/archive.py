@@ -56,6 +56,9 @@ ANNOTATIONS = "annotations.json"
 STEP_TENSORS = ("x_t", "v_hat", "x0_hat")
 BRANCHES = ("cond", "uncond")
 MAX_MANIFEST_BYTES = 64 * 2**20
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+           "BOOL": "bool"}  # safetensors header dtype -> numpy name
 
 _SHARD_RE = re.compile(r"^shards/sample_\d{6}\.safetensors$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -272,7 +275,9 @@ class Archive:
         return path
 
     def read(self, sample: int, key: str, index: tuple | None = None) -> np.ndarray:
-        """One tensor of one sample by archive key, optionally sliced lazily (only the slice is read)."""
+        """One tensor of one sample by archive key, optionally sliced lazily (only the slice is read).
+
+        The shard's header must declare the dtype and shape the manifest promises for the key."""
         from safetensors import SafetensorError, safe_open
 
         path = self._shard_path(sample)
@@ -280,13 +285,39 @@ class Archive:
             with safe_open(str(path), framework="np") as f:
                 if key not in f.keys():
                     raise ArchiveError(f"{self.run_id}: sample {sample} has no tensor {key!r}")
-                if index is None:
-                    return f.get_tensor(key)
-                return f.get_slice(key)[index]
+                part = f.get_slice(key)
+                stored = (_DTYPES.get(part.get_dtype(), part.get_dtype()), list(part.get_shape()))
+                promised = self._promises.get(key)
+                if promised is not None and stored != promised:
+                    raise ArchiveError(f"{self.run_id} sample {sample}: {key} is stored as {stored[0]} "
+                                       f"{stored[1]}, the manifest promises {promised[0]} {promised[1]}")
+                return f.get_tensor(key) if index is None else part[index]
         except SafetensorError as err:
             raise ArchiveError(f"{path} is damaged or not a safetensors file: {err}") from None
         except OSError as err:
             raise ArchiveError(f"{path} cannot be read: {err}") from None
+        except (TypeError, AttributeError) as err:  # a dtype numpy lacks (bfloat16, float8) under an unknown key
+            raise ArchiveError(f"{path}: tensor {key!r} cannot be read as numpy: {err}") from None
+
+    @cached_property
+    def _promises(self) -> dict[str, tuple[str, list[int]]]:
+        """{key: (dtype, shape)} of every tensor a shard holds, from the manifest alone."""
+        m = self.manifest
+        out = {"final": ("float32", [m["latent"][k] for k in ("channels", "frames", "height", "width")])}
+        out.update({name: (info["dtype"], [len(info["steps"]), *info["shape"]]) for name, info in m["tensors"].items()})
+        grid = [m["token_grid"][k] for k in ("frames", "rows", "cols")]
+        for site, info in m["sites"].items():
+            token_dtype = {"bfloat16": "uint16", None: "float32"}.get(info.get("token_dtype"), info.get("token_dtype"))
+            for branch in info["branches"]:
+                for name, red in info["reductions"].items():
+                    out[act_key(site, name, branch)] = (info.get("dtype", "float32"),
+                                                        [len(info["steps"]), len(info["layers"]), *red["shape"]])
+                for layer, step in info.get("tokens", []):
+                    out[token_key(site, layer, step, branch)] = (token_dtype, [*grid, info["dim"]])
+        if m.get("decoded"):
+            out["decoded/x0_hat"] = ("uint8", [len(m["decoded"]["steps"]), *m["decoded"]["shape"]])
+            out["decoded/final"] = ("uint8", list(m["decoded"]["shape"]))
+        return out
 
     def keys(self, sample: int = 0) -> list[str]:
         from safetensors import SafetensorError, safe_open
@@ -316,13 +347,7 @@ class Archive:
             raise ArchiveError(f"branch {branch!r} was not captured; captured: {info['branches']}")
         s = slice(None) if step is None else self._position(info["steps"], step, "step")
         l = slice(None) if layer is None else self._position(info["layers"], layer, "layer")
-        out = self.read(sample, act_key(site, reduction, branch), (s, l))
-        expected = ([len(info["steps"])] if step is None else []) + ([len(info["layers"])] if layer is None else [])
-        expected += list(info["reductions"][reduction]["shape"])
-        if list(out.shape) != expected:
-            raise ArchiveError(f"{self.run_id} sample {sample}: {act_key(site, reduction, branch)} read as shape "
-                               f"{list(out.shape)}, the manifest promises {expected}")
-        return out
+        return self.read(sample, act_key(site, reduction, branch), (s, l))  # read checks the stored shape
 
     def stack(self, site: str, reduction: str, *, over: Literal["sample", "layer", "step"] = "sample",
               samples: Iterable[int] | None = None, layer: int | None = None, step: int | None = None,
