@@ -2,6 +2,8 @@
 
 Owns the ``<run_id>.partial`` working directory, shard writes (temp file, fsync, rename), resume checks and the
 final publish (samples table, manifest last, directory rename). Imports numpy/pandas/safetensors only.
+Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs the process at the n-th arrival at one of
+`FAULT_POINTS` (docs/reliability.md); unset, each point costs one global look-up.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,19 @@ from .archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEM
                       ArchiveError, atomic_write, check_name, read_manifest, shard_name)
 
 log = logging.getLogger(__name__)
+FAULT_ENV = "COS_FAULT_POINT"
+FAULT_POINTS = ("create", "shard.tmp", "shard.done", "samples.tmp", "samples.done", "manifest.tmp", "manifest.done",
+                "publish.before_rename", "publish.done")
+_FAULT = os.environ.get(FAULT_ENV) or None  # "<point>[@<n>]"; a harness may also set it on this module
+_ARRIVALS: dict[str, int] = {}
+
+
+def _fault(point: str) -> None:
+    """SIGKILL this process at the n-th arrival at `point` when `_FAULT` is '<point>[@<n>]' (tests only)."""
+    name, _, nth = _FAULT.partition("@")
+    _ARRIVALS[point] = _ARRIVALS.get(point, 0) + 1
+    if name == point and _ARRIVALS[point] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunExistsError(ArchiveError):
@@ -75,6 +91,7 @@ class RunWriter:
             (tmp / SHARD_DIR).mkdir(parents=True)
             atomic_write(tmp / PARTIAL_MANIFEST,
                          lambda t: Path(t).write_text(json.dumps(body, indent=1, sort_keys=True)))
+            if _FAULT: _fault("create")
             os.rename(tmp, self.partial_dir)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -126,7 +143,13 @@ class RunWriter:
         meta = {"cos_schema_version": str(SCHEMA_VERSION), "row": json.dumps(row, sort_keys=True),
                 "layout": json.dumps(layout, sort_keys=True)}
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata=meta)
+            if _FAULT: _fault("shard.tmp")
+
+        atomic_write(path, write)
+        if _FAULT: _fault("shard.done")
         return path
 
     def _shard_meta(self, sample: int) -> tuple[dict, dict]:
@@ -156,16 +179,29 @@ class RunWriter:
         table = pd.DataFrame(rows)
         if "sample_id" in table and table["sample_id"].duplicated().any():
             raise ArchiveError(f"duplicate sample_id in {self.run_id}: {table['sample_id'][table['sample_id'].duplicated()].tolist()[:5]}")
-        atomic_write(self.partial_dir / SAMPLES, lambda tmp: table.to_parquet(tmp, index=False))
+        def write_samples(tmp: Path) -> None:
+            table.to_parquet(tmp, index=False)
+            if _FAULT: _fault("samples.tmp")
+
+        atomic_write(self.partial_dir / SAMPLES, write_samples)
+        if _FAULT: _fault("samples.done")
         body = {**manifest, **(layout or {}), "schema_version": SCHEMA_VERSION, "complete": True,
                 "run_id": self.run_id, "n_samples": n_samples,
                 "shards": [shard_name(i) for i in range(n_samples)]}
         text = json.dumps(body, indent=1, sort_keys=True, default=_json_default)
-        atomic_write(self.partial_dir / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+        def write_manifest(tmp: Path) -> None:
+            Path(tmp).write_text(text, encoding="utf-8")
+            if _FAULT: _fault("manifest.tmp")
+
+        atomic_write(self.partial_dir / MANIFEST, write_manifest)
+        if _FAULT: _fault("manifest.done")
         read_manifest(self.partial_dir)  # what we publish must pass our own reader
         (self.partial_dir / PARTIAL_MANIFEST).unlink()
         _fsync_dir(self.partial_dir)
+        if _FAULT: _fault("publish.before_rename")
         os.replace(self.partial_dir, self.final_dir)
+        if _FAULT: _fault("publish.done")
         _fsync_dir(self.runs_dir)
         return self.final_dir
 
