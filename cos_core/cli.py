@@ -14,6 +14,7 @@ import sys
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "capture": ("cos_core.capture_cli", "run a video diffusion pipeline with capture on and write an archive"),
+    "train": ("cos_core.organism.train_cli", "train the small Wan-architecture organism on the reasoning tasks"),
     "analyze": ("cos_core.analyze_cli", "compute probe grids, step dynamics and memory tables into derived/"),
 }
 
