@@ -8,6 +8,7 @@ on a session's first run). Only this file and `views/` import streamlit; nothing
 """
 
 import sys
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -34,9 +35,11 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
+started = time.perf_counter()
 shared.begin_url_sync()
 try:
     shared.sidebar()
     page.run()
 finally:
     shared.end_url_sync()
+    st.session_state[shared.RENDER_SECONDS] = time.perf_counter() - started  # read by bench/dashboard_render.py

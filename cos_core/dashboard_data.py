@@ -212,10 +212,10 @@ def _latent_range(archive: Archive, sample: int) -> tuple[float, float]:
 def final_frames(archive: Archive, sample: int, max_side: int = 256) -> np.ndarray:
     """The final video (F, h, w, 3) uint8: decoded frames, else the final latent rendered like x̂0."""
     source = frame_source(archive)
-    if source == "decoded":
-        video = archive.decoded(sample=sample)  # (F, H, W, 3)
-        s = _stride(max(video.shape[1:3]), max_side)
-        return video[:, ::s, ::s]
+    if source == "decoded":  # frame by frame with a stride: memory follows the thumbnails, not the video
+        n, h, w = archive.manifest["decoded"]["shape"][:3]
+        s = _stride(max(h, w), max_side)
+        return np.stack([archive.read(sample, "decoded/final", (f,))[::s, ::s] for f in range(n)])
     final = archive.read(sample, "final")  # (C, F, H, W)
     lo, hi = _latent_range(archive, sample) if source == "latent" else (-1.0, 1.0)
     s = _stride(max(final.shape[-2:]), max_side)
@@ -240,6 +240,10 @@ def video_table(video: np.ndarray) -> pd.DataFrame:
     rgb = video.reshape(-1, 3)
     return pd.DataFrame({"frame": idx[0], "row": idx[1], "col": idx[2], "r": rgb[:, 0], "g": rgb[:, 1],
                          "b": rgb[:, 2]})
+
+
+def final_gif(archive: Archive, sample: int) -> bytes:
+    return gif_bytes(final_frames(archive, sample))
 
 
 def upscale(pixels: np.ndarray, min_side: int = 96) -> np.ndarray:
@@ -277,8 +281,8 @@ def frame_mean_pca(archive: Archive, site: str, sample: int, branch: str) -> tup
     """PCA of frame-averaged block outputs over (step, layer): a table step, layer, sigma, pc1, pc2 and the
     explained-variance ratios. Each point is one block's output at one step, averaged over frames."""
     info = archive.site(site)
-    acts = archive.act(site, "frame_mean", sample=sample, branch=branch)  # (step, layer, frame, d)
-    points = acts.mean(axis=2).reshape(-1, acts.shape[-1]).astype(np.float64)  # (step * layer, d)
+    points = np.concatenate([archive.act(site, "frame_mean", sample=sample, step=s, branch=branch).mean(axis=1)
+                             for s in info["steps"]]).astype(np.float64)  # (step * layer, d), one step read at a time
     centred = points - points.mean(axis=0)
     _, sv, vt = np.linalg.svd(centred, full_matrices=False)
     k = min(2, vt.shape[0])

@@ -8,6 +8,11 @@ pandas and plotly only: never streamlit, torch or diffusers.
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -17,7 +22,38 @@ from plotly.subplots import make_subplots
 from .dashboard_data import Frames, upscale
 
 GAP = 2  # pixels between tiles of a mosaic
+MARGIN = dict(l=20, r=20, t=70, b=40)  # axes grow into it (automargin); the title sits above top-side ticks
+# Colour scales avoid "#000001".."#00000f": Streamlit's chart element treats those as theme placeholders and swaps
+# them (Magma and Inferno start at "#000004" and turned light purple), so no Magma/Inferno here.
 EXPERT_SYMBOLS = ("circle", "diamond", "square", "triangle-up")
+
+
+def _styled(builder: Callable[..., go.Figure]) -> Callable[..., go.Figure]:
+    """Every public builder: white template, axes that make room for their labels, the project margins."""
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs) -> go.Figure:
+        fig = builder(*args, **kwargs)
+        # plotly_white by hand: assigning a named template costs ~50 ms of validation per figure
+        fig.update_layout(plot_bgcolor="white", paper_bgcolor="white")
+        fig.update_xaxes(automargin=True, gridcolor="#ebebeb", zerolinecolor="#d9d9d9", linecolor="#d9d9d9")
+        fig.update_yaxes(automargin=True, gridcolor="#ebebeb", zerolinecolor="#d9d9d9", linecolor="#d9d9d9")
+        if _few_integers([t.x for t in fig.data if t.type in ("scatter", "bar") and t.x is not None]):
+            fig.update_xaxes(dtick=1)  # steps, layers, frames, K: no 0.5 ticks
+        return fig
+
+    return wrapper
+
+
+def _few_integers(columns: list, most: int = 30) -> bool:
+    if not columns:
+        return False
+    values = np.concatenate([np.asarray(c, dtype=object).ravel() for c in columns])
+    try:
+        numbers = values.astype(np.float64)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers))
+                and len(np.unique(numbers)) <= most)
 
 
 def _mosaic(tiles: np.ndarray, fill: float | int) -> np.ndarray:
@@ -34,13 +70,24 @@ def _centres(n: int, side: int) -> list[float]:
     return [i * (side + GAP) + (side - 1) / 2 for i in range(n)]
 
 
+def png_uri(img: np.ndarray) -> str:
+    """(h, w, 3) uint8 -> a PNG data URI (what `px.imshow(binary_string=True)` sends, at a fraction of its cost)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _image(img: np.ndarray, title: str) -> go.Figure:
-    fig = px.imshow(img, binary_string=True)
-    fig.update_traces(hoverinfo="skip", hovertemplate=None)
-    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10))
+    fig = go.Figure(go.Image(source=png_uri(img), hoverinfo="skip"))
+    fig.update_xaxes(showgrid=False, zeroline=False, range=[-0.5, img.shape[1] - 0.5])
+    fig.update_yaxes(showgrid=False, zeroline=False, range=[img.shape[0] - 0.5, -0.5], scaleanchor="x")
+    fig.update_layout(title=title, margin=MARGIN)
     return fig
 
 
+@_styled
 def steps_grid(frames: Frames, sigma: dict[int, float] | None = None, title: str = "x̂0 over steps") -> go.Figure:
     """The paper's Fig. 1 as one image: rows = denoising steps (top = noisiest), columns = video frames."""
     tiles = upscale(frames.pixels, 64)  # (step, frame, h, w, 3)
@@ -55,6 +102,7 @@ def steps_grid(frames: Frames, sigma: dict[int, float] | None = None, title: str
     return fig
 
 
+@_styled
 def filmstrip(video: np.ndarray, frame_ids: list[int], title: str) -> go.Figure:
     """(frame, h, w, 3) uint8 as one row of frames."""
     tiles = upscale(video, 64)[None]
@@ -66,25 +114,32 @@ def filmstrip(video: np.ndarray, frame_ids: list[int], title: str) -> go.Figure:
     return fig
 
 
+@_styled
 def steps_animation(frames: Frames, duration_ms: int = 400) -> go.Figure:
     """x̂0 frames as a filmstrip that plays over steps (plotly's play button and step slider)."""
     tiles = upscale(frames.pixels, 64)  # (step, frame, h, w, 3)
-    strips = np.stack([_mosaic(t[None], 255) for t in tiles])  # (step, H, W, 3)
-    fig = px.imshow(strips, animation_frame=0, binary_string=True, labels={"animation_frame": "step"})
-    fig.update_traces(hoverinfo="skip", hovertemplate=None)
-    for slider in fig.layout.sliders:
-        for i, s in enumerate(slider.steps):
-            s.label = str(frames.steps[i])
-    if fig.layout.updatemenus:
-        fig.layout.updatemenus[0].buttons[0].args[1]["frame"]["duration"] = duration_ms
+    strips = [png_uri(_mosaic(t[None], 255)) for t in tiles]
+    h, w = tiles.shape[2], tiles.shape[1] * (tiles.shape[3] + GAP) - GAP
+    fig = _image(_mosaic(tiles[:1], 255), "x̂0 playing over denoising steps")
+    fig.frames = [go.Frame(data=[go.Image(source=uri)], name=str(s)) for uri, s in zip(strips, frames.steps)]
+    play = dict(frame=dict(duration=duration_ms, redraw=True), fromcurrent=True, transition=dict(duration=0))
+    fig.update_layout(
+        updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.08, xanchor="left", yanchor="top",
+                          buttons=[dict(label="▶", method="animate", args=[None, play]),
+                                   dict(label="■", method="animate", args=[[None], dict(mode="immediate",
+                                                                                         frame=dict(duration=0))])])],
+        sliders=[dict(x=0.08, y=-0.02, len=0.92, currentvalue=dict(prefix="step "),
+                      steps=[dict(label=str(s), method="animate", args=[[str(s)], dict(mode="immediate",
+                                                                                        frame=dict(redraw=True))])
+                             for s in frames.steps])],
+        height=max(260, h + 200))
     fig.update_xaxes(tickvals=_centres(len(frames.frames), tiles.shape[3]),
-                     ticktext=[f"frame {f}" for f in frames.frames], showticklabels=True)
+                     ticktext=[f"frame {f}" for f in frames.frames], showticklabels=True, range=[-0.5, w - 0.5])
     fig.update_yaxes(showticklabels=False)
-    fig.update_layout(title="x̂0 playing over denoising steps", height=max(260, tiles.shape[2] + 200),
-                      margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
 
+@_styled
 def sigma_schedule(runs: dict[str, pd.DataFrame]) -> go.Figure:
     """σ per step for one or more runs; marker symbol = expert (Wan 2.2's high/low-noise switch shows as a change)."""
     fig = go.Figure()
@@ -97,10 +152,11 @@ def sigma_schedule(runs: dict[str, pd.DataFrame]) -> go.Figure:
                                  hovertemplate="step %{x}<br>σ=%{y:.4f}<br>t=%{customdata[0]:.1f}"
                                                "<br>expert %{customdata[1]}<extra>" + name + "</extra>"))
     fig.update_layout(title="noise level σ per step (marker = expert)", xaxis_title="step (0 = noisiest)",
-                      yaxis_title="sigma", height=320, margin=dict(l=10, r=10, t=40, b=10))
+                      yaxis_title="sigma", height=320, margin=MARGIN)
     return fig
 
 
+@_styled
 def answers_over_steps(table: pd.DataFrame) -> go.Figure:
     """derived/step_answers as sample x step: 1 where the answer read from x̂0 is correct."""
     grid = table.pivot_table(index="sample", columns="step", values="correct", aggfunc="mean")
@@ -108,10 +164,11 @@ def answers_over_steps(table: pd.DataFrame) -> go.Figure:
                                colorscale=[[0, "#d62728"], [1, "#2ca02c"]], colorbar=dict(title="correct"),
                                hovertemplate="sample %{y}<br>step %{x}<br>correct %{z}<extra></extra>"))
     fig.update_layout(title="answer read from x̂0 at each step (green = correct)", xaxis_title="step",
-                      yaxis_title="sample", height=max(220, 60 + 18 * len(grid)), margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+                      yaxis_title="sample", height=max(220, 60 + 18 * len(grid)), margin=MARGIN)
+    return _categorical(fig)
 
 
+@_styled
 def token_norm_mosaic(grid: np.ndarray, layers: list[int], frames: list[int], step: int) -> go.Figure:
     """(layer, frame, row, col) token norms as small multiples: rows = layers, columns = frames (paper Fig. 6)."""
     tiles = grid.astype(np.float32)
@@ -124,10 +181,11 @@ def token_norm_mosaic(grid: np.ndarray, layers: list[int], frames: list[int], st
     fig.update_yaxes(tickvals=_centres(len(layers), rows), ticktext=[f"layer {l}" for l in layers],
                      autorange="reversed", showgrid=False, zeroline=False, scaleanchor="x")
     fig.update_layout(title=f"per-token L2 norm of each block's output at step {step}",
-                      height=min(2000, 120 + len(layers) * max(rows * 6, 40)), margin=dict(l=10, r=10, t=60, b=10))
+                      height=min(2000, 120 + len(layers) * max(rows * 6, 40)), margin=MARGIN)
     return fig
 
 
+@_styled
 def layer_frame_heatmap(mean: np.ndarray, layers: list[int], frames: list[int], step: int) -> go.Figure:
     """(layer, frame) mean token norm."""
     fig = go.Figure(go.Heatmap(z=mean, x=[str(f) for f in frames], y=[str(l) for l in layers],
@@ -135,10 +193,11 @@ def layer_frame_heatmap(mean: np.ndarray, layers: list[int], frames: list[int], 
                                hovertemplate="layer %{y}<br>frame %{x}<br>mean ‖h‖=%{z:.3g}<extra></extra>"))
     fig.update_layout(title=f"mean token norm, layer x frame, step {step}", xaxis_title="frame",
                       yaxis_title="layer", yaxis_autorange="reversed", height=max(260, 60 + 22 * len(layers)),
-                      margin=dict(l=10, r=10, t=40, b=10))
+                      margin=MARGIN)
     return fig
 
 
+@_styled
 def pca_scatter(table: pd.DataFrame, ratio: np.ndarray, color: str = "layer") -> go.Figure:
     """frame_mean PCA: one point per (layer, step); lines join the steps of one layer."""
     fig = go.Figure()
@@ -153,22 +212,36 @@ def pca_scatter(table: pd.DataFrame, ratio: np.ndarray, color: str = "layer") ->
                                            "<br>σ=%{customdata[2]:.3f}<extra></extra>"))
     fig.update_layout(title="PCA of frame-mean block outputs over layers and steps (lines join one layer's steps)",
                       xaxis_title=f"PC1 ({ratio[0]:.0%} of variance)", yaxis_title=f"PC2 ({ratio[1]:.0%})",
-                      height=460, margin=dict(l=10, r=10, t=40, b=10))
+                      height=460, margin=MARGIN)
     return fig
 
 
+def _categorical(fig: go.Figure) -> go.Figure:
+    """Integer axes (step, layer, frame) as categories: one tick per cell, no fractional ticks."""
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+@_styled
 def probe_heatmap(table: pd.DataFrame, metric: str) -> go.Figure:
-    """One label's probe grid: layer x step of `metric`, centred on chance (accuracy) or 0 (selectivity)."""
+    """One label's probe grid: layer x step of `metric`. Accuracy runs 0..1 with white at chance, selectivity
+    -1..1 with white at 0, so grids of different labels and runs read alike."""
     grid = table.pivot_table(index="layer", columns="step", values=metric, aggfunc="mean")
-    chance = float(table["chance"].mean())
-    mid = chance if metric in ("accuracy", "control_accuracy") else 0.0
-    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="RdBu_r", zmid=mid,
-                               colorbar=dict(title=metric),
+    if metric in ("accuracy", "control_accuracy"):
+        lo, hi, mid = 0.0, 1.0, float(np.clip(table["chance"].mean(), 0.0, 1.0))
+    else:
+        lo, hi, mid = -1.0, 1.0, 0.0
+    pos = (mid - lo) / (hi - lo)
+    scale = [[0.0, "#2166ac"], [pos, "#f7f7f7"], [1.0, "#b2182b"]] if 0 < pos < 1 else \
+        ([[0.0, "#f7f7f7"], [1.0, "#b2182b"]] if pos <= 0 else [[0.0, "#2166ac"], [1.0, "#f7f7f7"]])
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale=scale, zmin=lo, zmax=hi,
+                               colorbar=dict(title=metric), xgap=1, ygap=1,
                                hovertemplate="layer %{y}<br>step %{x}<br>" + metric + "=%{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"probe {metric} per layer x step (white = {'chance ' if mid else ''}{mid:.2f}); "
+    fig.update_layout(title=f"probe {metric} per layer x step (white = {'chance ' if pos > 0 else ''}{mid:.2f}); "
                             "click a cell", xaxis_title="step (0 = noisiest)", yaxis_title="layer",
-                      height=max(300, 80 + 22 * len(grid)), margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+                      height=max(300, 80 + 22 * len(grid)), margin=MARGIN)
+    return _categorical(fig)
 
 
 def _ci(part: pd.DataFrame, y: str, low: str, high: str) -> dict | None:
@@ -178,6 +251,7 @@ def _ci(part: pd.DataFrame, y: str, low: str, high: str) -> dict | None:
     return dict(type="data", symmetric=False, array=part[high] - part[y], arrayminus=part[y] - part[low])
 
 
+@_styled
 def probe_curves(table: pd.DataFrame, metric: str, layer: int, step: int) -> go.Figure:
     """The clicked cell's row and column: `metric` over steps at `layer`, and over layers at `step`."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"over steps, layer {layer}", f"over layers, step {step}"))
@@ -193,27 +267,30 @@ def probe_curves(table: pd.DataFrame, metric: str, layer: int, step: int) -> go.
                                      name="chance", showlegend=col == 1), row=1, col=col)
         fig.update_xaxes(title_text=x, row=1, col=col)
     fig.update_yaxes(title_text=metric, row=1, col=1)
-    fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(height=340, margin=MARGIN)
     return fig
 
 
+@_styled
 def event_timeline(events: pd.DataFrame) -> go.Figure:
     hover = [c for c in ("sigma", "expert", "key_before", "key_after", "score_before", "score_after",
                          "change_spread") if c in events]
     fig = px.scatter(events, x="step", y=events["sample"].astype(str), color="kind", symbol="kind", hover_data=hover)
     fig.update_traces(marker=dict(size=11))
     fig.update_layout(title="events per sample over steps", xaxis_title="step", yaxis_title="sample",
-                      height=max(260, 80 + 18 * events["sample"].nunique()), margin=dict(l=10, r=10, t=40, b=10))
+                      height=max(260, 80 + 18 * events["sample"].nunique()), margin=MARGIN)
     return fig
 
 
+@_styled
 def event_counts(events: pd.DataFrame) -> go.Figure:
     counts = events.groupby(["step", "kind"]).size().reset_index(name="count")
     fig = px.bar(counts, x="step", y="count", color="kind", barmode="stack")
-    fig.update_layout(title="events by step and kind", height=320, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(title="events by step and kind", height=320, margin=MARGIN)
     return fig
 
 
+@_styled
 def event_rates(rates: pd.DataFrame) -> go.Figure:
     """derived/event_rates: fraction of samples with each event kind at each step, with intervals."""
     fig = go.Figure()
@@ -223,10 +300,11 @@ def event_rates(rates: pd.DataFrame) -> go.Figure:
                                  error_y=_ci(part, "rate", "ci_low", "ci_high")))
     fig.update_layout(title="event rate per step (fraction of samples; bars = instance bootstrap CI)",
                       xaxis_title="step (0 = noisiest)", yaxis_title="rate", height=340,
-                      margin=dict(l=10, r=10, t=40, b=10))
+                      margin=MARGIN)
     return fig
 
 
+@_styled
 def convergence(table: pd.DataFrame) -> go.Figure:
     """derived/convergence for one sample: RMS distance of x̂0 to the final output, split static/moving."""
     fig = go.Figure()
@@ -234,25 +312,27 @@ def convergence(table: pd.DataFrame) -> go.Figure:
         if col in table and table[col].notna().any():
             fig.add_trace(go.Scatter(x=table["step"], y=table[col], mode="lines+markers", name=name))
     fig.update_layout(title="distance of x̂0 to the final video", xaxis_title="step (0 = noisiest)",
-                      yaxis_title="RMS distance", height=320, margin=dict(l=10, r=10, t=40, b=10))
+                      yaxis_title="RMS distance", height=320, margin=MARGIN)
     return fig
 
 
+@_styled
 def memory_frames(table: pd.DataFrame, measure: str) -> go.Figure:
     """derived/memory, x̂0 rows of one measure: value per step x (frame, phase); 'hidden' = object out of sight."""
     part = table.assign(col=table["frame"].astype(str) + (" · " + table["phase"].astype(str) if "phase" in table
                                                           else ""))
     order = part.sort_values(["frame"])["col"].drop_duplicates().tolist()
     grid = part.pivot_table(index="step", columns="col", values="value", aggfunc="mean").reindex(columns=order)
-    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, zmin=0, zmax=1, colorscale="Magma",
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, zmin=0, zmax=1, colorscale="Viridis",
                                colorbar=dict(title=measure),
                                hovertemplate="step %{y}<br>frame · phase %{x}<br>%{z:.3f}<extra></extra>"))
     fig.update_layout(title=f"{measure} read from x̂0, per step x frame", xaxis_title="frame · phase",
                       yaxis_title="step (0 = noisiest)", yaxis_autorange="reversed", height=420,
-                      margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+                      margin=MARGIN)
+    return _categorical(fig)
 
 
+@_styled
 def phase_curves(table: pd.DataFrame, measure: str) -> go.Figure:
     """derived/memory rows aggregated per phase (frame = -1): value over steps, one line per phase."""
     fig = go.Figure()
@@ -264,7 +344,7 @@ def phase_curves(table: pd.DataFrame, measure: str) -> go.Figure:
         fig.add_hline(y=float(table["chance"].dropna().iloc[0]), line_dash="dash", line_color="grey",
                       annotation_text="chance")
     fig.update_layout(title=f"{measure} per step, by phase (before / hidden / after)", xaxis_title="step",
-                      yaxis_title=measure, height=340, margin=dict(l=10, r=10, t=40, b=10))
+                      yaxis_title=measure, yaxis_range=[-0.02, 1.02], height=340, margin=MARGIN)
     return fig
 
 
@@ -281,6 +361,7 @@ def _curve(fig: go.Figure, part: pd.DataFrame, name: str, row: int, col: int) ->
                       col=col)
 
 
+@_styled
 def intervention_curves(table: pd.DataFrame) -> go.Figure:
     """Noise at one step (all frames) vs noise at one frame (all steps): score after the intervention."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("noise at one step (all frames)",
@@ -292,31 +373,34 @@ def intervention_curves(table: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="step replaced", row=1, col=1)
     fig.update_xaxes(title_text="frame replaced", row=1, col=2)
     fig.update_yaxes(title_text="score", row=1, col=1)
-    fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(height=360, margin=MARGIN)
     return fig
 
 
+@_styled
 def layer_swap_bars(table: pd.DataFrame) -> go.Figure:
     part = table[table["kind"] == "layer_swap"].sort_values("position")
     err = dict(type="data", symmetric=False, array=part["ci_high"] - part["value"],
                arrayminus=part["value"] - part["ci_low"]) if {"ci_low", "ci_high"} <= set(part.columns) else None
     fig = go.Figure(go.Bar(x=part["position"], y=part["value"], error_y=err))
     fig.update_layout(title="layer swap: how often the answer flips, per layer", xaxis_title="layer",
-                      yaxis_title="flip rate", height=320, margin=dict(l=10, r=10, t=40, b=10))
+                      yaxis_title="flip rate", height=320, margin=MARGIN)
     return fig
 
 
+@_styled
 def propagation_matrix(table: pd.DataFrame) -> go.Figure:
     grid = table.pivot_table(index="inject_step", columns="measure_step", values="dissimilarity", aggfunc="mean")
-    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Inferno",
+    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Plasma",
                                colorbar=dict(title="1 - CKA"),
                                hovertemplate="inject %{y}<br>measure %{x}<br>1-CKA %{z:.3f}<extra></extra>"))
     fig.update_layout(title="propagation of a perturbation (1 - linear CKA)", xaxis_title="measure step",
                       yaxis_title="inject step", yaxis_autorange="reversed", height=420,
-                      margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+                      margin=MARGIN)
+    return _categorical(fig)
 
 
+@_styled
 def ensemble_curves(table: pd.DataFrame) -> go.Figure:
     """Accuracy vs merge steps K, one line per (method, n), with confidence intervals when present."""
     fig = go.Figure()
@@ -329,5 +413,5 @@ def ensemble_curves(table: pd.DataFrame) -> go.Figure:
                                  line=dict(dash=dash), name=f"{method}, n={n}"))
     fig.update_layout(title="latent ensemble: accuracy vs merge steps K (dashed = noise-mean control)",
                       xaxis_title="K (steps merged)", yaxis_title="accuracy", height=400,
-                      margin=dict(l=10, r=10, t=40, b=10))
+                      margin=MARGIN)
     return fig

@@ -113,11 +113,21 @@ def make_runs(root: Path, model_dir: Path) -> Path:
     return root
 
 
+_RUNS: dict[str, Path] = {}
+
+
+def session_runs(tmp_path_factory) -> Path:
+    """`make_runs` once per test session, shared by this module and the browser test."""
+    pytest.importorskip("torch")
+    if "runs" not in _RUNS:
+        base = tmp_path_factory.mktemp("dashboard")
+        _RUNS["runs"] = make_runs(base / "runs", base / "organism")
+    return _RUNS["runs"]
+
+
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    base = tmp_path_factory.mktemp("dashboard")
-    return make_runs(base / "runs", base / "organism")
+    return session_runs(tmp_path_factory)
 
 
 @pytest.fixture

@@ -32,9 +32,9 @@ with shared.guard():
             frame_ids = dd.spread(list(range(dd.n_video_frames(archive))), n_cols)
             frames = shared.cached(dd.x0_frames, archive, sample, tuple(steps), tuple(frame_ids))
             sigma = dict(zip(archive.steps["step"], archive.steps["sigma"]))
-            shared.show(plots.steps_grid(frames, sigma, f"{tag}: {archive.run_id}, sample {sample}"),
+            shared.show(plots.steps_grid, (frames, sigma, f"{tag}: {archive.run_id}, sample {sample}"),
                         lambda f=frames, s=sigma: dd.frames_table(f, s), f"compare-{tag}-grid")
 
     schedules = {f"A: {archive_a.run_id}": archive_a.steps, f"B: {archive_b.run_id}": archive_b.steps}
     both = pd.concat([df.assign(run=name) for name, df in schedules.items()], ignore_index=True)
-    shared.show(plots.sigma_schedule(schedules), both, "compare-sigma")
+    shared.show(plots.sigma_schedule, (schedules,), both, "compare-sigma")

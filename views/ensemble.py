@@ -18,5 +18,5 @@ with shared.guard():
     methods = sorted(table["method"].astype(str).unique())
     chosen = st.multiselect("merge operators", methods, default=methods, key="ensemble_methods")
     part = table[table["method"].astype(str).isin(chosen)]
-    shared.show(plots.ensemble_curves(part), part, f"{archive.run_id}-ensemble")
+    shared.show(plots.ensemble_curves, (part,), part, f"{archive.run_id}-ensemble")
     st.dataframe(part, hide_index=True, width="stretch")

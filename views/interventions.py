@@ -18,10 +18,10 @@ if table is not None:
         if noise.empty:
             st.info("derived/interventions has no noise_step / noise_frame rows.")
         else:
-            shared.show(plots.intervention_curves(noise), noise, f"{archive.run_id}-noise-probes")
+            shared.show(plots.intervention_curves, (noise,), noise, f"{archive.run_id}-noise-probes")
         swap = table[table["kind"] == "layer_swap"]
         if not swap.empty:
-            shared.show(plots.layer_swap_bars(swap), swap, f"{archive.run_id}-layer-swap")
+            shared.show(plots.layer_swap_bars, (swap,), swap, f"{archive.run_id}-layer-swap")
 
 st.subheader("Propagation of a perturbation")
 matrix = shared.derived(archive, "propagation",
@@ -30,4 +30,4 @@ matrix = shared.derived(archive, "propagation",
                         "peaking at steps 20-30 of 50).")
 if matrix is not None:
     with shared.guard():
-        shared.show(plots.propagation_matrix(matrix), matrix, f"{archive.run_id}-propagation")
+        shared.show(plots.propagation_matrix, (matrix,), matrix, f"{archive.run_id}-propagation")

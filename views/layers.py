@@ -26,12 +26,12 @@ with shared.guard():
     else:
         grid = shared.cached(dd.token_norm_grid, archive, site, sample, step, branch)  # (layer, frame, row, col)
         frames = list(range(grid.shape[1]))
-        shared.show(plots.token_norm_mosaic(grid, info["layers"], frames, step),
+        shared.show(plots.token_norm_mosaic, (grid, info["layers"], frames, step),
                     lambda: dd.token_norm_table(grid, info["layers"]), f"{archive.run_id}-token-norm-s{step}")
         mean = grid.mean(axis=(2, 3))  # (layer, frame)
         table = pd.DataFrame(mean, index=pd.Index(info["layers"], name="layer"),
                              columns=[f"frame_{f}" for f in frames]).reset_index()
-        shared.show(plots.layer_frame_heatmap(mean, info["layers"], frames, step), table,
+        shared.show(plots.layer_frame_heatmap, (mean, info["layers"], frames, step), table,
                     f"{archive.run_id}-layer-frame-s{step}")
 
     st.subheader("PCA of frame-mean activations")
@@ -40,7 +40,7 @@ with shared.guard():
     else:
         pca, ratio = shared.cached(dd.frame_mean_pca, archive, site, sample, branch)
         color = st.radio("colour by", ["layer", "step"], horizontal=True, key="pca_color")
-        shared.show(plots.pca_scatter(pca, ratio, color), pca, f"{archive.run_id}-pca")
+        shared.show(plots.pca_scatter, (pca, ratio, color), pca, f"{archive.run_id}-pca")
 
     st.subheader("Layer swap")
     table = shared.derived(archive, "interventions",
@@ -51,4 +51,4 @@ with shared.guard():
         if swap.empty:
             st.info("derived/interventions has no `layer_swap` rows for this run.")
         else:
-            shared.show(plots.layer_swap_bars(swap), swap, f"{archive.run_id}-layer-swap")
+            shared.show(plots.layer_swap_bars, (swap,), swap, f"{archive.run_id}-layer-swap")

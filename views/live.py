@@ -86,5 +86,5 @@ if LIVE_RUN in st.session_state:
         sigma = dict(zip(archive.steps["step"], archive.steps["sigma"]))
         row = table.set_index("sample").loc[sample]
         st.caption(f"{archive.run_id}: {row.get('sample_id', '')}, answer {row.get('answer', '?')}")
-        shared.show(plots.steps_animation(frames), lambda: dd.frames_table(frames, sigma), "live-play")
-        shared.show(plots.steps_grid(frames, sigma), lambda: dd.frames_table(frames, sigma), "live-grid")
+        shared.show(plots.steps_animation, (frames,), lambda: dd.frames_table(frames, sigma), "live-play")
+        shared.show(plots.steps_grid, (frames, sigma), lambda: dd.frames_table(frames, sigma), "live-grid")

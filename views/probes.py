@@ -26,7 +26,7 @@ with shared.guard():
     st.caption(f"chance for `{label}` (majority class): {part['chance'].mean():.3f}"
                + (f" · n = {int(part['n'].max())} samples" if "n" in part else "")
                + (f" from {int(part['n_instances'].max())} instances" if "n_instances" in part else ""))
-    event = shared.show(plots.probe_heatmap(part, metric), part, f"{archive.run_id}-probe-{label}-{metric}",
+    event = shared.show(plots.probe_heatmap, (part, metric), part, f"{archive.run_id}-probe-{label}-{metric}",
                         on_select="rerun", selection_mode="points")
     points = (event.selection.points if event is not None and hasattr(event, "selection") else []) or []
     layers, steps = sorted(part["layer"].unique()), sorted(part["step"].unique())
@@ -41,5 +41,5 @@ with shared.guard():
     if not cell.empty:
         st.metric(f"{metric} at layer {layer}, step {step}", f"{cell[metric].mean():.3f}")
     curves = part[(part["layer"] == layer) | (part["step"] == step)]
-    shared.show(plots.probe_curves(part, metric, layer, step), curves,
+    shared.show(plots.probe_curves, (part, metric, layer, step), curves,
                 f"{archive.run_id}-probe-{label}-L{layer}-S{step}")

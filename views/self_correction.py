@@ -27,7 +27,7 @@ if events is not None:
             if "task" in rates and rates["task"].nunique() > 1:
                 task = shared.select("task", sorted(rates["task"].astype(str).unique()), "event_task")
                 rates = rates[rates["task"].astype(str) == task]
-            shared.show(plots.event_rates(rates), rates, f"{archive.run_id}-event-rates")
+            shared.show(plots.event_rates, (rates,), rates, f"{archive.run_id}-event-rates")
         if events.empty:
             st.info(f"No events were detected in the {archive.n_samples} samples of this run: every answer "
                     "trajectory stayed constant (or never became readable).", icon=":material/info:")
@@ -35,8 +35,8 @@ if events is not None:
             kinds = sorted(events["kind"].astype(str).unique())
             chosen = st.multiselect("event kinds", kinds, default=kinds, key="event_kinds")
             part = events[events["kind"].astype(str).isin(chosen)]
-            shared.show(plots.event_counts(part), part, f"{archive.run_id}-event-counts")
-            shared.show(plots.event_timeline(part), part, f"{archive.run_id}-event-timeline")
+            shared.show(plots.event_counts, (part,), part, f"{archive.run_id}-event-counts")
+            shared.show(plots.event_timeline, (part,), part, f"{archive.run_id}-event-timeline")
             per = part.groupby(["sample", "kind"]).size().unstack(fill_value=0).reset_index()
             st.markdown("**Samples with events** (pick one in the sidebar to watch its steps)")
             st.dataframe(per, hide_index=True, width="stretch")

@@ -8,11 +8,13 @@ modules only (archive, dashboard_data, plots): never torch or diffusers.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -22,6 +24,7 @@ from cos_core.archive import DERIVED_DIR, Archive, ArchiveError, check_name, lis
 APP_DIR = Path(__file__).resolve().parent.parent
 URL_KEYS = "_cos_url_keys"   # session key: the widget keys mirrored into the URL during this run
 SELECTION = "_cos_selection"
+RENDER_SECONDS = "_cos_render_seconds"  # session key: how long the last script run took (sidebar + page)
 
 
 # ---- error cards -------------------------------------------------------------------------------------------
@@ -249,9 +252,44 @@ def require_run() -> tuple[Archive, int]:
 
 
 # ---- figures -------------------------------------------------------------------------------------------------
-def show(fig: Any, data: pd.DataFrame | Callable[[], pd.DataFrame], name: str, **chart: Any) -> Any:
-    """`st.plotly_chart` plus downloads of the figure (self-contained HTML) and its data (CSV), built on click."""
-    event = st.plotly_chart(fig, key=f"fig-{name}", **chart)
+def _feed(h: "hashlib._Hash", value: Any) -> None:
+    """Hash what a figure builder is called with: arrays, tables, dataclasses and plain values, by content."""
+    if isinstance(value, np.ndarray):
+        h.update(f"{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, pd.DataFrame):
+        h.update(repr(list(value.columns)).encode())
+        h.update(pd.util.hash_pandas_object(value, index=True).to_numpy().tobytes())
+    elif is_dataclass(value):
+        for f in fields(value):
+            _feed(h, getattr(value, f.name))
+    elif isinstance(value, dict):
+        for k in sorted(value, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for v in value:
+            _feed(h, v)
+    else:
+        h.update(repr(value).encode())
+
+
+@st.cache_resource(max_entries=128, show_spinner=False)
+def _figure(builder: str, digest: str, _build: Callable[..., Any], _args: tuple) -> Any:
+    return _build(*_args)
+
+
+def show(build: Callable[..., Any], args: tuple, data: pd.DataFrame | Callable[[], pd.DataFrame], name: str,
+         **chart: Any) -> Any:
+    """`build(*args)` drawn with `st.plotly_chart`, plus downloads of the figure (self-contained HTML) and its data
+    (CSV), built on click. Figures are memoised by builder and argument content (building a plotly figure costs
+    50-150 ms; a warm page should not pay it again); they are shared read-only between sessions."""
+    assert isinstance(args, tuple), f"show({build.__name__}, args=...) needs a tuple of arguments, got {type(args)}"
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, args)
+    fig = _figure(f"{build.__module__}.{build.__qualname__}", h.hexdigest(), build, args)
+    event = st.plotly_chart(fig, key=f"fig-{name}", theme=None, **chart)  # the figure as downloaded
     table = data if callable(data) else (lambda: data)
     left, right, _ = st.columns([1, 1, 3])
     left.download_button("⬇ figure (HTML)", data=lambda: fig.to_html(include_plotlyjs=True), file_name=f"{name}.html",

@@ -19,7 +19,7 @@ with shared.guard():
     sigma = dict(zip(steps_df["step"], steps_df["sigma"]))
 
     cols = st.columns(4)
-    cols[0].metric("sample", str(row.get("sample_id", sample)))
+    cols[0].metric("sample", sample, help=str(row.get("sample_id", "")))
     cols[1].metric("task", str(row.get("task") or "-"))
     cols[2].metric("steps", archive.n_steps)
     if "score_correct" in row and pd.notna(row["score_correct"]):
@@ -37,39 +37,39 @@ with shared.guard():
     grid_steps = dd.spread(all_steps, n_rows)
     frame_ids = dd.spread(list(range(n_frames)), n_cols)
     frames = shared.cached(dd.x0_frames, archive, sample, tuple(grid_steps), tuple(frame_ids))
-    shared.show(plots.steps_grid(frames, sigma), lambda: dd.frames_table(frames, sigma), f"{archive.run_id}-x0-grid")
+    shared.show(plots.steps_grid, (frames, sigma), lambda: dd.frames_table(frames, sigma), f"{archive.run_id}-x0-grid")
 
     st.subheader("One step")
     step = shared.slider("step", all_steps, "step", default=all_steps[-1])
-    one = shared.cached(dd.x0_frames, archive, sample, (step,), tuple(range(n_frames)))
+    one = shared.cached(dd.x0_frames, archive, sample, (step,), tuple(dd.spread(list(range(n_frames)), 16)))
     info = steps_df.set_index("step").loc[step]
     m = st.columns(3)
     m[0].metric("sigma", f"{info['sigma']:.4f}")
     m[1].metric("t", f"{info['t']:.1f}")
     m[2].metric("expert", str(info["expert"]))
-    shared.show(plots.filmstrip(one.pixels[0], one.frames, f"x̂0 at step {step}"),
+    shared.show(plots.filmstrip, (one.pixels[0], one.frames, f"x̂0 at step {step}"),
                 lambda: dd.frames_table(one, sigma), f"{archive.run_id}-x0-step{step}")
 
     st.subheader("Play over steps")
-    shared.show(plots.steps_animation(frames), lambda: dd.frames_table(frames, sigma), f"{archive.run_id}-x0-play")
+    shared.show(plots.steps_animation, (frames,), lambda: dd.frames_table(frames, sigma), f"{archive.run_id}-x0-play")
 
     st.subheader("Final video")
     final = shared.cached(dd.final_frames, archive, sample)
     left, right = st.columns([1, 3])
-    left.image(dd.gif_bytes(final), caption="final video (loops)")
+    left.image(shared.cached(dd.final_gif, archive, sample), caption="final video (loops)")
     with right:
-        shared.show(plots.filmstrip(final, list(range(len(final))), "final video"),
+        shared.show(plots.filmstrip, (final, list(range(len(final))), "final video"),
                     lambda: dd.video_table(final), f"{archive.run_id}-final")
 
     st.subheader("Noise schedule")
-    shared.show(plots.sigma_schedule({archive.run_id: steps_df}), steps_df, f"{archive.run_id}-sigma")
+    shared.show(plots.sigma_schedule, ({archive.run_id: steps_df},), steps_df, f"{archive.run_id}-sigma")
 
     st.subheader("Answer at each step")
     answers = shared.derived(archive, "step_answers",
                              "It will show, for every sample, whether the answer read from x̂0 at each step is "
                              "right — where the model commits, and where it changes its mind.")
     if answers is not None:
-        shared.show(plots.answers_over_steps(answers), answers, f"{archive.run_id}-step-answers")
+        shared.show(plots.answers_over_steps, (answers,), answers, f"{archive.run_id}-step-answers")
         mine = answers[answers["sample"] == sample].sort_values("step")
         cols = [c for c in ("step", "sigma", "answer_key", "correct", "score", "matches_final", "answer") if c in mine]
         st.dataframe(mine[cols], hide_index=True, width="stretch")
@@ -77,4 +77,4 @@ with shared.guard():
         conv = shared.derived(archive, "convergence", "")
         mine = conv[conv["sample"] == sample].sort_values("step")
         if not mine.empty:
-            shared.show(plots.convergence(mine), mine, f"{archive.run_id}-convergence-{sample}")
+            shared.show(plots.convergence, (mine,), mine, f"{archive.run_id}-convergence-{sample}")

@@ -21,10 +21,10 @@ with shared.guard():
         part = x0[x0["measure"] == measure]
         frames = part[part["frame"] >= 0]
         if not frames.empty:
-            shared.show(plots.memory_frames(frames, measure), frames, f"{archive.run_id}-memory-{measure}")
+            shared.show(plots.memory_frames, (frames, measure), frames, f"{archive.run_id}-memory-{measure}")
         phases = part[part["frame"] < 0]
         if not phases.empty and "phase" in phases:
-            shared.show(plots.phase_curves(phases, measure), phases, f"{archive.run_id}-memory-phases-{measure}")
+            shared.show(plots.phase_curves, (phases, measure), phases, f"{archive.run_id}-memory-phases-{measure}")
     probes = table[table["source"] == "probe"] if "source" in table else table.iloc[:0]
     st.subheader("Read by linear probes")
     if probes.empty:
@@ -38,4 +38,4 @@ with shared.guard():
                               default="hidden", where=c2)
         part = probes[(probes["measure"] == pmeasure) & (probes["phase"].astype(str) == phase)]
         grid = part.rename(columns={"value": "accuracy"})
-        shared.show(plots.probe_heatmap(grid, "accuracy"), part, f"{archive.run_id}-memory-{pmeasure}-{phase}")
+        shared.show(plots.probe_heatmap, (grid, "accuracy"), part, f"{archive.run_id}-memory-{pmeasure}-{phase}")
