@@ -11,10 +11,11 @@ from typing import Any
 
 from .choice import ChoiceTask
 from .common import TASK_NAMES, TEST_SEEDS, TRAIN_SEEDS, VIDEO_SHAPE, Instance, Task
+from .fork import ForkTask
 from .maze import MazeTask
 from .memory import MemoryTask
 
-TASKS: dict[str, type[Task]] = {"maze": MazeTask, "memory": MemoryTask, "choice": ChoiceTask}
+TASKS: dict[str, type[Task]] = {"maze": MazeTask, "memory": MemoryTask, "choice": ChoiceTask, "fork": ForkTask}
 assert tuple(TASKS) == TASK_NAMES, f"registry order {tuple(TASKS)} must equal task ids {TASK_NAMES}"
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Iterable
 import numpy as np
 
 VIDEO_SHAPE = (3, 8, 24, 24)  # (channel, frame, height, width)
-TASK_NAMES = ("maze", "memory", "choice")  # order = task_id, the organism's task embedding index
+TASK_NAMES = ("maze", "memory", "choice", "fork")  # order = task_id, the organism's task embedding index
 TRAIN_SEEDS = range(0, 10**9)
 TEST_SEEDS = range(10**9, 2 * 10**9)
 MAX_SEED = 2**63 - 1
@@ -155,7 +155,7 @@ class Task:
         return self._score(answer, inst)
 
     def candidates(self, frames: Any, inst: Instance) -> np.ndarray:
-        raise NotImplementedError(f"task {self.name!r} has no discrete candidates; only 'choice' does")
+        raise NotImplementedError(f"task {self.name!r} has no discrete candidates; only 'choice' and 'fork' do")
 
     # -- hooks for subclasses -----------------------------------------------------------------------------------
     def _label_classes(self) -> dict[str, int]:
