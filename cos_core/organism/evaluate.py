@@ -158,9 +158,10 @@ step, made by `--workers` CPU processes.
   included) on {report.get("device_name", "?")}
 - throughput: {tp.get("it_s", math.nan):.2f} it/s × batch {tp.get("batch_size", "?")} = \
 {tp.get("achieved_tflops", math.nan):.1f} TFLOP/s = {100 * tp.get("fraction_of_peak", math.nan):.1f} % of a \
-{tp.get("peak_tflops", "?")} TFLOP/s bf16 peak (FLOPs counted by torch's FlopCounterMode, forward + backward:
-  {tp.get("flops_per_sample", math.nan) / 1e9:.1f} GFLOP per sample)
-- one sample on 2 CPU cores ({steps} steps, no capture): {f"{cpu:.2f} s" if cpu else "not measured"}
+{tp.get("peak_tflops", "?")} TFLOP/s bf16 peak
+  (FLOPs counted by torch's FlopCounterMode, forward + backward: {tp.get("flops_per_sample", math.nan) / 1e9:.1f} \
+GFLOP per sample)
+- one sample on 2 CPU cores ({steps} steps, with capture): {f"{cpu:.2f} s" if cpu else "not measured"}
 {notes}
 Loss (weighted, mean over the preceding log interval):
 
