@@ -23,8 +23,8 @@ def task(request):
 
 # -- contract ---------------------------------------------------------------------------------------------------
 def test_registry_order_and_unknown_name():
-    assert list(TASKS) == ["maze", "memory", "choice"]
-    assert [get_task(name).task_id for name in TASKS] == [0, 1, 2]
+    assert list(TASKS)[:3] == ["maze", "memory", "choice"], "ids of the first tasks are baked into trained weights"
+    assert [get_task(name).task_id for name in TASKS] == list(range(len(TASKS)))
     with pytest.raises(ValueError, match="unknown task 'sudoku'.*allowed"):
         get_task("sudoku")
 
