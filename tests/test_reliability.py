@@ -496,3 +496,88 @@ def test_a_reader_sees_nothing_or_the_complete_run_while_capture_writes_dies_and
     torn = [where for where, seen in poller.seen if seen != final]
     assert not torn and len(final) > 5, torn[:5]
     assert digest(Archive.open(other)) == before and "other" in [a.path.name for a in list_runs(h.runs)[0]]
+
+
+# ---- the dashboard: broken runs are error cards, good runs keep working -----------------------------------------
+def _deep(run: Path) -> None:
+    (run / MANIFEST).write_text("[" * 100_000)
+
+
+def _oversize(run: Path) -> None:
+    with open(run / MANIFEST, "r+b") as f:
+        f.truncate(65 * 2**20)
+
+
+def _escaping_manifest(run: Path) -> None:
+    outside = run.parent.parent / "outside-manifest.json"
+    shutil.move(run / MANIFEST, outside)
+    (run / MANIFEST).symlink_to(outside)
+
+
+BROKEN = {  # run name: (damage to a copy of the base run, what its error card must say)
+    "future-schema": (lambda r: edit_manifest(r, lambda m: m.update(schema_version=2)), "schema_version 2 is not"),
+    "empty-run": (lambda r: edit_manifest(r, lambda m: m.update(n_samples=0, shards=[])), "at least one sample"),
+    "zero-steps": (lambda r: edit_manifest(r, lambda m: m.update(n_steps=0, steps=[])), "at least one denoising"),
+    "missing-keys": (lambda r: edit_manifest(r, lambda m: m.pop("sites")), "misses required keys: sites"),
+    "wrong-types": (lambda r: edit_manifest(r, lambda m: m.update(sites=[])), "'sites' must be an object"),
+    "not-json": (lambda r: (r / MANIFEST).write_text("{"), "is not valid JSON"),
+    "deep-json": (_deep, "nested too deeply"),
+    "oversize": (_oversize, "over the 67108864-byte limit"),
+    "escaping-manifest": (_escaping_manifest, "manifest.json resolves outside the run directory"),
+    "bad-shard-path": (lambda r: edit_manifest(r, lambda m: m["shards"].__setitem__(0, "../x.safetensors")),
+                       "shard entry '../x.safetensors' is not allowed"),
+    "notes": (lambda r: [p.unlink() if p.is_file() else shutil.rmtree(p) for p in list(r.iterdir())],
+              "is not a cos-lab archive"),
+}
+
+
+@pytest.fixture(scope="module")
+def dashboard_runs(base, tmp_path_factory) -> Path:
+    """A runs directory: one good run, one whose sample 1 lies about its dtypes, every BROKEN run, a run linked in
+    from outside, and an unfinished `.partial` run (which must not show at all)."""
+    root = tmp_path_factory.mktemp("dashboard")
+    runs = root / "runs"
+    for name in ("good", "bad-dtype", *BROKEN, "unfinished.partial"):
+        shutil.copytree(base, runs / name)
+        edit_manifest(runs / name, lambda m: m.update(run_id=name))
+    for name, (damage, _) in BROKEN.items():
+        damage(runs / name)
+    for key in ("x0_hat", "decoded/x0_hat"):
+        rewrite_shard(runs / "bad-dtype", 1, lambda t: t.__setitem__(key, t[key].astype(np.float64)))
+    shutil.copytree(base, root / "outside")
+    (runs / "linked-outside").symlink_to(root / "outside")
+    return runs
+
+
+@pytest.fixture
+def app(dashboard_runs, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("COS_RUNS_DIR", str(dashboard_runs))
+    return AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+
+
+def test_the_overview_shows_every_broken_run_as_an_error_card_and_lists_the_good_ones(app):
+    at = app.switch_page("views/overview.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    cards = {name: [e.value for e in at.error if f"**{name}**" in e.value]
+             for name in (*BROKEN, "linked-outside", "unfinished.partial")}
+    for name, (_, message) in BROKEN.items():
+        assert len(cards[name]) == 1 and message in cards[name][0], (name, cards[name])
+    assert len(cards["linked-outside"]) == 1 and "links outside the runs directory" in cards["linked-outside"][0]
+    assert not cards["unfinished.partial"], "an unfinished run was shown"
+    assert sorted(at.dataframe[0].value["run"]) == ["bad-dtype", "good"]
+    assert any(f"{len(BROKEN) + 1} run(s) in this directory cannot be read" in w.value for w in at.sidebar.warning)
+
+
+def test_a_sample_whose_shard_lies_is_an_error_card_while_its_other_sample_and_other_runs_show(app):
+    app.query_params["run"] = "bad-dtype"
+    at = app.switch_page("views/steps.py").run()
+    at.sidebar.selectbox(key="sample").set_value(1).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.error and "sample 1: decoded/x0_hat is stored as float64" in at.error[0].value, [e.value for e in at.error]
+    at.sidebar.selectbox(key="sample").set_value(0).run()
+    assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
+    at.sidebar.selectbox(key="run").set_value("good").run()
+    at.sidebar.selectbox(key="sample").set_value(1).run()
+    assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
