@@ -26,6 +26,7 @@ from .selection import select
 
 log = logging.getLogger(__name__)
 SITE = "block_out"
+STORE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class CaptureSpec:
     tensors: tuple[str, ...] = STEP_TENSORS
     tensor_steps: Any = None
     proj_seed: int = 0
+    store_dtype: str = "float32"  # reductions and x_t/v_hat/x0_hat as stored: float32, or float16 (half the bytes)
 
     def __post_init__(self):
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype {self.store_dtype!r} is not allowed; allowed: {STORE_DTYPES}")
         for b in self.branches:
             if b not in BRANCHES:
                 raise ValueError(f"branch {b!r} is not allowed; allowed: {BRANCHES}")
@@ -94,6 +98,7 @@ class Capturer:
         token_layers = {select(layer, self.n_layers, "token layer")[0] for layer, _ in spec.tokens}
         self._hooked = set(self.layers) | token_layers  # full tokens may come from layers that are not reduced
         self.reducer = Reducer(spec.reductions, spec.proj_seed)
+        self.store = getattr(torch, spec.store_dtype)
         self.n_steps: int | None = None
         if n_steps is not None:
             self._resolve_steps(n_steps)
@@ -205,7 +210,7 @@ class Capturer:
             index = (self._act_pos[step], self._layer_pos[layer])
             lead = (len(self.act_steps), len(self.layers))
             for name, value in self.reducer(hidden, self.s.grid).items():
-                self._store(act_key(SITE, name, branch), lead, index, value[0])
+                self._store(act_key(SITE, name, branch), lead, index, value[0].to(self.store))
         if (layer, step) in self.token_pairs:
             tokens = hidden[0].view(*self.s.grid, -1)  # (frame, row, col, d)
             self.s.token_dtype = str(tokens.dtype).removeprefix("torch.")
@@ -249,7 +254,7 @@ class Capturer:
             if "x0_hat" in self.spec.tensors:
                 values["x0_hat"] = fam.x0_hat(scheduler, self.rule, step, t, sample, model_output)
             for name in self.spec.tensors:
-                value = fam.to_cfhw(self.family, self.pipe, values[name], self.s.latent_fhw)[0].float()
+                value = fam.to_cfhw(self.family, self.pipe, values[name], self.s.latent_fhw)[0].to(self.store)
                 self._store(name, (len(self.tensor_steps),), (self._tensor_pos[step],), value)
 
     # ---- the step clock ------------------------------------------------------------------------------------
@@ -297,13 +302,13 @@ class Capturer:
         reductions = {r: {"shape": s.shapes[act_key(SITE, r, branches[0])]} for r in self.spec.reductions} \
             if branches else {}
         site = {"n_layers": self.n_layers, "layers": list(self.layers), "steps": list(self.act_steps),
-                "branches": branches, "dim": s.dim, "dtype": "float32", "reductions": reductions,
+                "branches": branches, "dim": s.dim, "dtype": self.spec.store_dtype, "reductions": reductions,
                 "tokens": sorted([list(p) for p in self.token_pairs]), "token_dtype": s.token_dtype}
         return {
             "steps": s.steps, "n_steps": self.n_steps, "x0_rule": self.rule, "family": self.family.name,
             "latent": {"channels": c, "frames": f, "height": h, "width": w},
             "token_grid": {"frames": s.grid[0], "rows": s.grid[1], "cols": s.grid[2], "patch": [pt, ph, pw]},
-            "tensors": {n: {"steps": list(self.tensor_steps), "dtype": "float32", "shape": [c, f, h, w]}
+            "tensors": {n: {"steps": list(self.tensor_steps), "dtype": self.spec.store_dtype, "shape": [c, f, h, w]}
                         for n in self.spec.tensors},
             "sites": {SITE: site},
         }

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--tensor-steps", default="all", help="steps whose x_t/v_hat/x0_hat are kept")
     sel.add_argument("--decode", action="store_true", help="decode x0_hat through the VAE into uint8 frames")
     sel.add_argument("--decode-steps", default="all", help="steps to decode (subset of --tensor-steps)")
+    sel.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                     help="dtype of stored reductions and x_t/v_hat/x0_hat (float16 halves the archive)")
     sel.add_argument("--proj-seed", type=int, default=0, help="seed of the proj<d'> random projection")
     out = p.add_argument_group("output")
     out.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where runs live (default "
@@ -77,7 +79,8 @@ def _spec(args: argparse.Namespace):
         tokens.append((layer, step))
     return CaptureSpec(layers=args.layers, steps=args.steps, branches=split(args.branches),
                        reductions=split(args.reductions), tokens=tuple(tokens), tensors=split(args.tensors),
-                       tensor_steps=args.tensor_steps, proj_seed=args.proj_seed)
+                       tensor_steps=args.tensor_steps, proj_seed=args.proj_seed,
+                       store_dtype=args.store_dtype)
 
 
 def _seeds(text: str) -> list[int]:

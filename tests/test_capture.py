@@ -523,3 +523,20 @@ def test_out_of_range_selections_are_refused_before_any_hook(tiny, spec, message
 def test_bad_spec_values_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
         CaptureSpec(**spec)
+
+
+def test_float16_storage_is_the_float32_capture_rounded(tiny):
+    case = tiny("wan_t2v")
+    spec = CaptureSpec(reductions=("frame_mean", "token_norm"))
+    out32, t32, l32 = capture(case, spec)
+    out16, t16, l16 = capture(case, CaptureSpec(reductions=("frame_mean", "token_norm"), store_dtype="float16"))
+    assert torch.equal(out32, out16), "the storage dtype must not change what is generated"
+    assert l16["sites"][SITE]["dtype"] == "float16" and l16["tensors"]["x0_hat"]["dtype"] == "float16"
+    for key, value in t32.items():
+        if key == "final":
+            assert t16[key].dtype == np.float32
+            continue
+        assert t16[key].dtype == np.float16, key
+        np.testing.assert_array_equal(t16[key], value.astype(np.float16), err_msg=key)
+    with pytest.raises(ValueError, match="store_dtype 'bfloat16'"):
+        CaptureSpec(store_dtype="bfloat16")
