@@ -79,7 +79,9 @@ def test_scene_settles_before_motion_appears():
 def test_settle_index():
     assert settle_index(np.array([1.0, 0.5, 0.1, 0.3, 0.05]), 0.2) == 4
     assert settle_index(np.array([1.0, 0.1, 0.1]), 0.2) == 1
-    assert settle_index(np.array([0.0, 0.0]), 0.2) is None
+    assert settle_index(np.array([0.01, 0.01, 0.0]), 0.2) == 0  # right from the start (a near-deterministic model)
+    assert settle_index(np.array([1.0, 1.0, 0.5]), 0.2) is None
+    assert settle_index(np.array([np.nan, 0.0]), 0.2) is None
 
 
 @pytest.mark.parametrize("name", ["maze", "choice"])

@@ -27,7 +27,7 @@ class DynamicsConfig:
     persist: int = 2  # an event's new state must hold this many steps (or to the last step)
     min_gain: float = 0.1  # enhancement: score rise with the same answer
     alive_mass: float = 0.25  # a choice candidate is alive at a step when its evidence mass reaches this
-    settle: float = 0.2  # settled: distance to the final stays <= settle x the distance at the first step
+    settle: float = 0.2  # settled: RMS distance to the final stays <= settle x the final's own RMS spread there
     appear: float = 0.5  # motion appears: x0_hat's motion matches the final's with cosine >= this, from then on
     motion_floor: float = 0.1  # a position moves when its temporal std is >= this fraction of the largest
 
@@ -82,15 +82,21 @@ def change_spread(before: np.ndarray, after: np.ndarray) -> float:
 
 # ---- convergence and perception-before-action (any run with x0_hat and final) ------------------------------
 def convergence(frames: np.ndarray, final: np.ndarray, config: DynamicsConfig = DynamicsConfig()) -> pd.DataFrame:
-    """Per step: RMS distance of x0_hat to the final output, overall and split into static and moving positions,
-    and `motion_match`: cosine between x0_hat's change from frame 0 and the final video's, on moving positions
+    """Per step: RMS distance of x0_hat to the final output, overall and split into static and moving positions
+    (also relative to the final's own RMS spread in that region), and `motion_match`: cosine between x0_hat's change from frame 0 and the final video's, on moving positions
     (noise moves too, but not like the answer). frames (step, C, F, H, W), final (C, F, H, W)."""
     tstd = final.std(axis=1).mean(axis=0)  # (H, W): temporal std of the final video
     moving = tstd >= config.motion_floor * tstd.max() if tstd.max() > 0 else np.zeros_like(tstd, dtype=bool)
     diff2 = (frames - final[None]) ** 2  # (step, C, F, H, W)
     out = pd.DataFrame({"dist_final": np.sqrt(diff2.mean(axis=(1, 2, 3, 4)))})
-    out["scene_dist"] = np.sqrt(diff2[..., ~moving].mean(axis=(1, 2, 3))) if (~moving).any() else np.nan
-    out["motion_dist"] = np.sqrt(diff2[..., moving].mean(axis=(1, 2, 3))) if moving.any() else np.nan
+    for name, where in (("scene", ~moving), ("motion", moving)):
+        if where.any():
+            region = final[..., where]  # (C, F, positions)
+            spread = float(np.sqrt(((region - region.mean()) ** 2).mean()))
+            out[f"{name}_dist"] = np.sqrt(diff2[..., where].mean(axis=(1, 2, 3)))
+            out[f"{name}_dist_rel"] = out[f"{name}_dist"] / spread if spread > 0 else np.nan
+        else:
+            out[f"{name}_dist"] = out[f"{name}_dist_rel"] = np.nan
     out["motion_match"] = np.nan
     if moving.any() and final.shape[1] > 1:
         change = (frames[:, :, 1:] - frames[:, :, :1])[..., moving].reshape(len(frames), -1)  # (step, ...)
@@ -103,14 +109,14 @@ def convergence(frames: np.ndarray, final: np.ndarray, config: DynamicsConfig = 
     return out
 
 
-def settle_index(dist: np.ndarray, fraction: float) -> int | None:
-    """First index from which `dist` stays <= fraction x dist[0]; None if it never does (or is undefined)."""
-    dist = np.asarray(dist, dtype=float)
-    if not np.isfinite(dist).all() or dist[0] <= 0:
+def settle_index(dist_rel: np.ndarray, fraction: float) -> int | None:
+    """First index from which `dist_rel` stays <= fraction; None if it never does (or is undefined)."""
+    dist_rel = np.asarray(dist_rel, dtype=float)
+    if not np.isfinite(dist_rel).all():
         return None
-    above = np.flatnonzero(dist > fraction * dist[0])
+    above = np.flatnonzero(dist_rel > fraction)
     first = 0 if len(above) == 0 else int(above[-1]) + 1
-    return first if first < len(dist) else None
+    return first if first < len(dist_rel) else None
 
 
 def phase_steps(conv: pd.DataFrame, steps: list[int], config: DynamicsConfig) -> dict[str, Any]:
@@ -122,7 +128,8 @@ def phase_steps(conv: pd.DataFrame, steps: list[int], config: DynamicsConfig) ->
     below = np.flatnonzero(~(match >= config.appear))  # NaN counts as below
     appear = int(below[-1]) + 1 if len(below) else 0
     appear = appear if appear < len(match) else None
-    scene, motion = settle_index(conv["scene_dist"], config.settle), settle_index(conv["motion_dist"], config.settle)
+    scene = settle_index(conv["scene_dist_rel"], config.settle)
+    motion = settle_index(conv["motion_dist_rel"], config.settle)
     out = {"scene_settle_step": at(scene), "motion_appear_step": at(appear), "motion_settle_step": at(motion)}
     out["perception_first"] = (None if scene is None or appear is None else bool(scene < appear))
     return out
