@@ -1,7 +1,7 @@
 """`cos analyze` end to end on small archives written by the real `RunWriter`: a memory-task run with planted
 signals (identity linearly readable at layer 1 late steps only; a wrong identity at steps 2-3 of even samples that
 is corrected at step 4) fills every derived table, the tables read back with their config, and bad input (no
-labels, NaN activations, an analysis that does not apply) exits 2 with a message naming the problem."""
+labels, NaN activations or x0_hat, an analysis that does not apply) exits 2 with a message naming the problem."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def _swap_identity(video: np.ndarray, identity: int) -> np.ndarray:
     return out
 
 
-def planted_memory_run(runs_dir, run_id="planted", n_instances=16, seeds=(0, 1), labels=True, nan_cell=None):
+def planted_memory_run(runs_dir, run_id="planted", n_instances=16, seeds=(0, 1), labels=True, nan_cell=None,
+                       nan_x0=None):
     """A memory-task archive: x0_hat per step (noise, noise, then wrong identity at steps 2-3 for even samples,
     then the truth), frame_mean activations (step, layer, frame, DIM) with identity planted at layer 1."""
     task = get_task("memory")
@@ -50,6 +51,8 @@ def planted_memory_run(runs_dir, run_id="planted", n_instances=16, seeds=(0, 1),
         acts = acts.astype(np.float32)
         if nan_cell is not None:
             acts[nan_cell[1], nan_cell[0], 0, 0] = np.nan
+        if nan_x0 is not None and sample == nan_x0[0]:
+            x0[nan_x0[1], 0, 0, 0, 0] = np.nan
         tensors = {"x0_hat": x0, "final": video.astype(np.float32), "acts/block_out/frame_mean/cond": acts}
         row = {"sample_id": f"memory-{inst.seed}-s{seed}", "seed": seed, "task": "memory" if labels else "",
                "instance": str(inst.seed), "prompt": inst.prompt}
@@ -123,6 +126,13 @@ def test_analyze_names_nan_cells(tmp_path, capsys):
     assert main(["analyze", str(path), "--which", "probes", "--engine", "sklearn"]) == 2
     err = capsys.readouterr().err
     assert "NaN/inf in 1 of 12 (layer, step) cells" in err and "(layer 1, step 3" in err
+
+
+def test_analyze_names_nan_in_x0_hat(tmp_path, capsys):
+    path = planted_memory_run(tmp_path, "nanx0", n_instances=2, nan_x0=(3, 1))
+    for which in ("convergence", "dynamics"):
+        assert main(["analyze", str(path), "--which", which]) == 2
+        assert "sample 3: x0_hat holds NaN/inf at step 1" in capsys.readouterr().err
 
 
 def test_analyze_bad_site_and_reduction(analysed, capsys):

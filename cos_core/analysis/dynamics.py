@@ -17,7 +17,8 @@ import pandas as pd
 
 from ..archive import Archive
 from .stats import bootstrap_weights, encode_groups, group_mean_ci
-from .step_frames import StepFrames, answer_key, frame_source, instance_of, run_tasks, step_frames, task_for
+from .step_frames import (StepFrames, answer_key, check_finite_frames, frame_source, instance_of, run_tasks,
+                          step_frames, task_for)
 
 EVENT_KINDS = ("self_correction", "regression", "enhancement", "emergence", "switch")
 
@@ -146,6 +147,7 @@ def run_convergence(archive: Archive, config: DynamicsConfig = DynamicsConfig(),
     for sample in progress(range(archive.n_samples)):
         frames = archive.tensor("x0_hat", sample=sample).astype(np.float32)
         final = archive.read(sample, "final").astype(np.float32)
+        check_finite_frames(archive.run_id, sample, steps, frames, final)
         conv = convergence(frames, final, config)
         conv.insert(0, "step", steps)
         conv.insert(0, "sample", sample)

@@ -81,7 +81,18 @@ def step_frames(archive: Archive, sample: int, source: str) -> StepFrames:
         final = _from_uint8(archive.read(sample, "decoded/final")[None])[0]
     else:
         raise ValueError(f"frame source {source!r} is not allowed; use 'x0_hat' or 'decoded'")
+    check_finite_frames(archive.run_id, sample, steps, frames, final)
     return StepFrames(steps, frames, final)
+
+
+def check_finite_frames(run_id: str, sample: int, steps: list[int], frames: np.ndarray, final: np.ndarray) -> None:
+    """ValueError naming the sample and steps where x0_hat (step, ...) or the final output holds NaN/inf."""
+    bad = [int(s) for s, ok in zip(steps, np.isfinite(frames).reshape(len(frames), -1).all(1)) if not ok]
+    if bad:
+        raise ValueError(f"{run_id} sample {sample}: x0_hat holds NaN/inf at step {', '.join(map(str, bad))} "
+                         "(the sampler diverged there); distances and answers would be meaningless")
+    if not np.isfinite(final).all():
+        raise ValueError(f"{run_id} sample {sample}: the final output holds NaN/inf")
 
 
 def _from_uint8(frames: np.ndarray) -> np.ndarray:
