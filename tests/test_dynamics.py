@@ -84,7 +84,7 @@ def test_settle_index():
     assert settle_index(np.array([np.nan, 0.0]), 0.2) is None
 
 
-@pytest.mark.parametrize("name", ["maze", "choice"])
+@pytest.mark.parametrize("name", ["maze", "choice", "fork"])
 def test_trajectory_reads_real_task_frames(name):
     """x0_hat = noise for 2 steps, then the ground truth: the extractor's answer appears at step 2 and stays."""
     task = get_task(name)
@@ -102,7 +102,10 @@ def test_trajectory_reads_real_task_frames(name):
     if name == "choice":
         assert traj["n_alive"].iloc[3] == 1 and traj["answer_mass"].iloc[3] == pytest.approx(1.0, abs=0.05)
         assert len(cands) == 4 * task.config.k and sum(c["is_answer"] for c in cands) == 4
-    else:
+    if name == "fork":  # two goals, one walked: one candidate alive at the end, and it is the final's
+        assert traj["n_alive"].iloc[3] == 1 and len(cands) == 4 * 2
+        assert [c["candidate"] for c in cands if c["is_final"]] == [inst.meta["gt_goal"]] * 4
+    if name == "maze":
         assert traj["explored_cells"].iloc[3] == 0
 
 

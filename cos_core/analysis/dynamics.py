@@ -159,10 +159,21 @@ def run_convergence(archive: Archive, config: DynamicsConfig = DynamicsConfig(),
     return {"convergence": conv, "phases": _with_meta(archive, phases, steps=False)}
 
 
+def _candidate_mass(task, frames: np.ndarray, inst) -> np.ndarray | None:
+    """Evidence mass per candidate answer for tasks that define candidates (choice, fork), else None."""
+    try:
+        return np.asarray(task.candidates(frames, inst), dtype=float)
+    except NotImplementedError:
+        return None
+
+
 def sample_trajectory(task, inst, sf: StepFrames, config: DynamicsConfig) -> tuple[pd.DataFrame, list, list]:
     """Rows per step (answer, correctness, candidates), events, and candidate rows for one sample."""
     rows, cand_rows = [], []
     truth = set(map(tuple, inst.meta.get("path", []))) if task.name == "maze" else set()
+    truth_k = inst.meta.get("answer") if task.name == "choice" else None  # the one right candidate, if one
+    final_mass = _candidate_mass(task, sf.final, inst)
+    final_k = int(final_mass.argmax()) if final_mass is not None else None
     for i, step in enumerate(sf.steps):
         answer = task.extract(sf.frames[i])
         scores = task.score(answer, inst)
@@ -170,14 +181,14 @@ def sample_trajectory(task, inst, sf: StepFrames, config: DynamicsConfig) -> tup
                "answer_key": answer_key(task.name, answer), "correct": bool(scores["correct"]),
                "score": float(scores["score"]), **{f"score_{k}": float(v) for k, v in scores.items()
                                                     if k not in ("correct", "score")}}
-        if task.name == "choice":
-            mass = task.candidates(sf.frames[i], inst)
-            truth_k = inst.meta["answer"]
-            row.update(n_alive=int((mass >= config.alive_mass).sum()), answer_mass=float(mass[truth_k]),
-                       top_mass=float(mass.max()))
-            cand_rows += [{"step": step, "candidate": k, "mass": float(v), "is_answer": k == truth_k}
+        mass = _candidate_mass(task, sf.frames[i], inst) if final_mass is not None else None
+        if mass is not None:
+            row.update(n_alive=int((mass >= config.alive_mass).sum()), top_mass=float(mass.max()),
+                       answer_mass=float(mass[truth_k]) if truth_k is not None else np.nan)
+            cand_rows += [{"step": step, "candidate": k, "mass": float(v), "is_final": k == final_k,
+                           "is_answer": (k == truth_k) if truth_k is not None else None}
                           for k, v in enumerate(mass)]
-        elif task.name == "maze":
+        if task.name == "maze":
             row["explored_cells"] = len({tuple(c) for c in answer.get("cells", [])} - truth)
         rows.append(row)
     traj = pd.DataFrame(rows)

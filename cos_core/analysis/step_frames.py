@@ -101,9 +101,10 @@ def _from_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def answer_key(task: str, answer: dict[str, Any]) -> str | None:
-    """The discrete answer used to compare steps: maze path, memory identity, choice index (None: unreadable)."""
+    """The discrete answer used to compare steps: maze path, memory identity, choice index, fork goal (None:
+    unreadable); for other tasks the whole extracted answer."""
     import json
 
-    value = {"maze": answer.get("path"), "memory": answer.get("identity"), "choice": answer.get("choice")}.get(
-        task, answer)
+    value = {"maze": answer.get("path"), "memory": answer.get("identity"), "choice": answer.get("choice"),
+             "fork": answer.get("goal")}.get(task, answer)
     return None if value is None else json.dumps(value, sort_keys=True)
