@@ -193,3 +193,110 @@ def test_cli_trains_and_writes_weights_and_card(tmp_path, capsys):
         run(parser.parse_args(["--resume", "--out", str(tmp_path / "none")]))
     with pytest.raises(ValueError, match="--task-params"):
         run(parser.parse_args(["--task-params", "{oops", "--out", str(tmp_path / "x")]))
+
+
+def _saved_organism(folder: Path, task_names=("maze", "memory", "choice"), seed: int = 123, **arch) -> dict:
+    """Save a tiny organism of the maze test shape with seeded weights; returns its transformer state dict."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from cos_core.organism.presets import transformer_config
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**{**transformer_config("tiny"), **arch})
+    pipe = OrganismPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                            task_names=task_names, video_shape=(3, 2, 10, 10))
+    pipe.save_pretrained(folder, max_shard_size="20KB")
+    (folder / "eval.json").write_text(json.dumps({"step": 7, "train_seconds": 60.0,
+                                                  "config": {"tasks": [["maze", 2.0], ["memory", 1.0]]}}))
+    return {k: v.clone() for k, v in transformer.state_dict().items()}
+
+
+def test_init_from_starts_from_saved_weights_and_grows_the_task_list(tmp_path):
+    from cos_core.tasks import TASKS
+
+    saved = _saved_organism(tmp_path / "prior")
+    fresh = Trainer(_config(1), tmp_path / "fresh")
+    trainer = Trainer(_config(1, init_from=str(tmp_path / "prior")), tmp_path / "tuned")
+    for module in (trainer.model, trainer.ema):
+        state = module.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert not all(torch.equal(fresh.model.state_dict()[k], saved[k]) for k in saved)  # the init really changed them
+    assert list(trainer.pipe.config.task_names) == list(TASKS) and len(TASKS) > 3
+    assert trainer.optimizer.state_dict()["state"] == {}  # AdamW starts fresh
+    assert trainer.state["init"]["task_names"] == ["maze", "memory", "choice"] and trainer.state["init"]["step"] == 7
+
+    # the CLI: --init-from trains, exports all task ids and records the init folder in config, eval.json and card
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "cli"
+    assert run(parser.parse_args(["--preset", "tiny", "--tasks", "maze", "--task-params", json.dumps(MAZE_PARAMS),
+                                  "--steps", "1", "--batch-size", "2", "--eval-n", "1", "--val-n", "0",
+                                  "--num-inference-steps", "2", "--device", "cpu", "--out", str(out),
+                                  "--init-from", str(tmp_path / "prior")])) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["config"]["init_from"] == str(tmp_path / "prior") and report["init"]["from"] == str(tmp_path / "prior")
+    card = (out / "README.md").read_text()
+    assert f"--init-from {tmp_path / 'prior'}" in card and "initial weights: the transformer of" in card
+    assert OrganismPipeline.from_pretrained(out).config.task_names == list(TASKS)
+    with pytest.raises(ValueError, match="init_from"):  # resume must not switch the init folder
+        run(parser.parse_args(["--resume", "--out", str(out), "--init-from", str(tmp_path / "other")]))
+
+
+def test_init_from_refuses_what_it_cannot_load(tmp_path):
+    with pytest.raises(ValueError, match="not a save_pretrained organism folder"):
+        Trainer(_config(1, init_from=str(tmp_path / "missing")), tmp_path / "a")
+    _saved_organism(tmp_path / "reordered", task_names=("memory", "maze"))
+    with pytest.raises(ValueError, match="prefix"):
+        Trainer(_config(1, init_from=str(tmp_path / "reordered")), tmp_path / "b")
+    _saved_organism(tmp_path / "deeper", num_layers=3)
+    with pytest.raises(ValueError, match="another architecture: num_layers"):
+        Trainer(_config(1, init_from=str(tmp_path / "deeper")), tmp_path / "c")
+    with pytest.raises(ValueError, match="init_from must be"):
+        TrainConfig(init_from=None)
+
+
+class _ScriptedPipe:
+    """Stands in for the pipeline: the final video walks to a goal fixed by (instance, noise seed); x̂0 of step 0 is
+    a 0.6 : 0.4 blend of that walk and the other goal's, x̂0 of step 1 the walk itself."""
+
+    _execution_device = torch.device("cpu")
+
+    def __init__(self, task, seeds):
+        self.task, self.scheduler = task, type("S", (), {"sigmas": torch.tensor([1.0, 0.5, 0.0])})()
+        self.insts = {task.instance(s).first_frame.tobytes(): task.instance(s) for s in seeds}
+
+    def goal(self, inst, noise_seed):
+        return (inst.seed + noise_seed) % 2
+
+    def __call__(self, first, task, num_inference_steps, generator, callback_on_step_end=None, **_):
+        noise_seed = generator.initial_seed()
+        walks, blends = [], []
+        for frame in first:
+            inst = self.insts[np.ascontiguousarray(frame).tobytes()]
+            goal = self.goal(inst, noise_seed)
+            walk, other = (self.task.solution_video(inst, g) for g in (goal, 1 - goal))
+            walks.append(walk)
+            blends.append(0.6 * walk + 0.4 * other)
+        for i, x0 in enumerate((blends, walks)):
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, None, {"x0_hat": torch.as_tensor(np.stack(x0))})
+        return type("Out", (), {"frames": np.stack(walks)})()
+
+
+def test_evaluate_counts_fork_goals_and_candidates_against_a_scripted_pipe():
+    from cos_core.organism.evaluate import evaluate, noise_redraw
+
+    task, seeds = get_task("fork"), list(range(10, 16))
+    pipe = _ScriptedPipe(task, seeds)
+    result = evaluate(pipe, {"fork": seeds}, 2)
+    r = result["tasks"]["fork"]
+    assert r["accuracy"] == 1.0 and r["per_step_accuracy"] == [0.0, 1.0]  # a blend is not an answer
+    assert r["goal_split"] == {"0": 0.5, "1": 0.5, "none": 0.0} and r["final_goal"] == [s % 2 for s in seeds]
+    assert r["per_step_candidates_alive"]["0.25"] == [2.0, 1.0] and r["per_step_candidates_alive"]["0.5"] == [1.0, 1.0]
+    np.testing.assert_allclose(r["per_step_evidence_chosen"], [0.6, 1.0], atol=1e-5)
+    np.testing.assert_allclose(r["per_step_evidence_runner_up"], [0.4, 0.0], atol=1e-5)
+    assert result["sigmas"] == [1.0, 0.5]
+    redraw = noise_redraw(pipe, result, {"fork": seeds}, seed=1)["fork"]  # seed 1 flips every goal
+    assert redraw["same_goal"] == 0.0 and redraw["n_both"] == len(seeds) and redraw["accuracy"] == 1.0
+    pipe.goal = lambda inst, noise_seed: inst.seed % 2  # a maze-fixed choice: the same goal under any noise
+    assert noise_redraw(pipe, result, {"fork": seeds}, seed=1)["fork"]["same_goal"] == 1.0

@@ -1,8 +1,9 @@
 """Evaluating the organism: held-out answer accuracy per task, the per-step answer curve, CPU seconds per sample.
 
 Owns `evaluate` (runs the pipeline on task instances, reads the answer from the final video and from every step's
-x̂0 with the task's own extractor), `cpu_seconds_per_sample`, and `write_card` (the model card README.md and
-`eval.json` beside the weights). Imports torch and cos_core.tasks; the pipeline comes in as an argument.
+x̂0 with the task's own extractor; for tasks with candidates the candidates alive per step, for fork the goal split),
+`noise_redraw`, `cpu_seconds_per_sample`, and `write_card` (the model card README.md and `eval.json` beside the
+weights). Imports torch and cos_core.tasks; the pipeline comes in as an argument.
 """
 
 from __future__ import annotations
@@ -16,10 +17,81 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from cos_core.tasks import get_task
+from cos_core.tasks import Task, get_task
 
 EVAL_FILE = "eval.json"
 CARD_FILE = "README.md"
+# A candidate counts as alive at a step while its evidence (task.candidates, 0 = absent, 1 = fully drawn) is at least
+# the threshold. 0.25 is the primary one: half of what an even two-way blend gives each path (0.5), so a path that
+# keeps half a blend's weight is alive and one pruned to near 0 is not; 0.5 sits exactly at the blend, where small
+# errors flip the count, and is reported beside it.
+ALIVE_THRESHOLDS = (0.25, 0.5)
+
+
+def has_candidates(task: Task) -> bool:
+    """Whether the task reads per-candidate evidence (`task.candidates`), as choice and fork do."""
+    return type(task).candidates is not Task.candidates
+
+
+class _Tally:
+    """Per-task sums over instances: final answers, per-step answers, goals reached and candidate evidence."""
+
+    def __init__(self, task: Task, n_steps: int, per_step: bool):
+        self.task, self.per_step, self.cands = task, per_step, has_candidates(task)
+        self.correct, self.score, self.goals, self.gt_match, self.final_alive = [], [], [], [], []
+        self.step_correct, self.step_score = np.zeros(n_steps), np.zeros(n_steps)
+        self.alive = np.zeros((len(ALIVE_THRESHOLDS), n_steps))  # (threshold, step)
+        self.chosen, self.runner_up = np.zeros(n_steps), np.zeros(n_steps)
+
+    def add(self, inst: Any, video: np.ndarray, x0_steps: list[np.ndarray]) -> None:
+        task = self.task
+        sc = task.score(task.extract(video), inst)
+        self.correct.append(sc["correct"])
+        self.score.append(sc["score"])
+        if "goal" in sc:  # fork: which goal the sample walked to (-1: none)
+            self.goals.append(int(sc["goal"]))
+            if "gt_goal" in inst.meta:
+                self.gt_match.append(float(sc["goal"] == inst.meta["gt_goal"]))
+        chosen = None
+        if self.cands:
+            final = task.candidates(video, inst)
+            chosen = int(final.argmax())
+            self.final_alive.append([(final >= th).sum() for th in ALIVE_THRESHOLDS])
+        if not self.per_step:
+            return
+        for i, x0 in enumerate(x0_steps):
+            sc = task.score(task.extract(x0), inst)
+            self.step_correct[i] += sc["correct"]
+            self.step_score[i] += sc["score"]
+            if chosen is not None:
+                ev = task.candidates(x0, inst)  # (k,)
+                self.alive[:, i] += [(ev >= th).sum() for th in ALIVE_THRESHOLDS]
+                self.chosen[i] += ev[chosen]
+                self.runner_up[i] += np.delete(ev, chosen).max()
+
+    def result(self, seeds: list[int]) -> dict[str, Any]:
+        n = len(seeds)
+        out: dict[str, Any] = {"n": n, "accuracy": float(np.mean(self.correct)) if n else math.nan,
+                               "score": float(np.mean(self.score)) if n else math.nan,
+                               "seeds": [seeds[0], seeds[-1]] if n else []}
+        if self.per_step:
+            out["per_step_accuracy"] = (self.step_correct / max(n, 1)).tolist()
+            out["per_step_score"] = (self.step_score / max(n, 1)).tolist()
+        if self.goals:
+            goals = np.array(self.goals)
+            out["goal_split"] = {str(g): float(np.mean(goals == g)) for g in range(max(2, goals.max() + 1))}
+            out["goal_split"]["none"] = float(np.mean(goals < 0))
+            out["final_goal"] = self.goals
+            if self.gt_match:
+                out["gt_goal_match"] = float(np.mean(self.gt_match))
+        if self.cands and n:
+            out["candidates_alive_final"] = dict(zip(map(str, ALIVE_THRESHOLDS),
+                                                     np.mean(self.final_alive, axis=0).tolist()))
+            if self.per_step:
+                out["per_step_candidates_alive"] = dict(zip(map(str, ALIVE_THRESHOLDS), (self.alive / n).tolist()))
+                out["per_step_evidence_chosen"] = (self.chosen / n).tolist()
+                out["per_step_evidence_runner_up"] = (self.runner_up / n).tolist()
+        return out
 
 
 def evaluate(pipe: Any, seeds: Mapping[str, Sequence[int]], num_inference_steps: int,
@@ -27,18 +99,17 @@ def evaluate(pipe: Any, seeds: Mapping[str, Sequence[int]], num_inference_steps:
              seed: int = 0) -> dict[str, Any]:
     """Accuracy of `pipe` on `seeds[task]` instances of each task, at `num_inference_steps` (guidance 1).
 
-    Returns {"tasks": {name: {n, accuracy, score, per_step_accuracy, per_step_score}}, "num_inference_steps"}.
+    Returns {"tasks": {name: {n, accuracy, score, per_step_accuracy, per_step_score, ...}}, "num_inference_steps",
+    "sigmas"}; tasks with candidates add the candidates alive and evidence per step, fork the goal split.
     The sampler noise of batch k is drawn from a generator seeded with `seed + k`.
     """
     task_params = task_params or {}
     device = pipe._execution_device
-    out: dict[str, Any] = {"num_inference_steps": int(num_inference_steps), "tasks": {}}
+    out: dict[str, Any] = {"num_inference_steps": int(num_inference_steps), "seed": int(seed), "tasks": {}}
     for name, task_seeds in seeds.items():
         task = get_task(name, **task_params.get(name, {}))
         task_seeds = list(task_seeds)
-        correct, score = [], []
-        step_correct = np.zeros(num_inference_steps) if per_step else None
-        step_score = np.zeros(num_inference_steps) if per_step else None
+        tally = _Tally(task, num_inference_steps, per_step)
         for k in range(0, len(task_seeds), batch_size):
             insts = [task.instance(s) for s in task_seeds[k:k + batch_size]]
             first = np.stack([inst.first_frame for inst in insts])  # (B, 3, H, W)
@@ -52,23 +123,29 @@ def evaluate(pipe: Any, seeds: Mapping[str, Sequence[int]], num_inference_steps:
             video = pipe(first, task=name, num_inference_steps=num_inference_steps, generator=gen,
                          callback_on_step_end=keep if per_step else None,
                          callback_on_step_end_tensor_inputs=["x0_hat"]).frames  # (B, 3, F, H, W)
+            out["sigmas"] = pipe.scheduler.sigmas[:num_inference_steps].float().cpu().tolist()
             for b, inst in enumerate(insts):
-                sc = task.score(task.extract(video[b]), inst)
-                correct.append(sc["correct"])
-                score.append(sc["score"])
-                if per_step:
-                    for i, x0 in enumerate(x0_steps):
-                        sc = task.score(task.extract(x0[b]), inst)
-                        step_correct[i] += sc["correct"]
-                        step_score[i] += sc["score"]
-        n = len(task_seeds)
-        result = {"n": n, "accuracy": float(np.mean(correct)) if n else math.nan,
-                  "score": float(np.mean(score)) if n else math.nan,
-                  "seeds": [task_seeds[0], task_seeds[-1]] if n else []}
-        if per_step:
-            result["per_step_accuracy"] = (step_correct / max(n, 1)).tolist()
-            result["per_step_score"] = (step_score / max(n, 1)).tolist()
-        out["tasks"][name] = result
+                tally.add(inst, video[b], [x0[b] for x0 in x0_steps])
+        out["tasks"][name] = tally.result(task_seeds)
+    return out
+
+
+def noise_redraw(pipe: Any, test: dict[str, Any], seeds: Mapping[str, Sequence[int]],
+                 task_params: Mapping[str, dict] | None = None, seed: int = 1) -> dict[str, Any]:
+    """Sample the tasks of `test` that report goals again with other noise (generator `seed`), final videos only.
+
+    Per task: accuracy, goal split and `same_goal`, the fraction of the `n_both` instances that reach a goal in both
+    draws which reach the same one (≈ 0.5 when the noise picks the goal, 1.0 when the first frame fixes it)."""
+    names = [name for name, r in test["tasks"].items() if "final_goal" in r]
+    again = evaluate(pipe, {n: seeds[n] for n in names}, test["num_inference_steps"], task_params, per_step=False,
+                     seed=seed)
+    out = {}
+    for name in names:
+        a, b = np.array(test["tasks"][name]["final_goal"]), np.array(again["tasks"][name]["final_goal"])
+        r = again["tasks"][name]
+        both = (a >= 0) & (b >= 0)
+        out[name] = {"seed": seed, "n": r["n"], "accuracy": r["accuracy"], "goal_split": r["goal_split"],
+                     "n_both": int(both.sum()), "same_goal": float(np.mean(a[both] == b[both])) if both.any() else math.nan}
     return out
 
 
@@ -103,21 +180,71 @@ def _thin(points: list, n: int = 20) -> list:
     return [points[i] for i in idx]
 
 
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _candidates_section(name: str, r: dict[str, Any], sigmas: list[float], redraw: dict | None) -> str:
+    """Card section of one task with candidates: goal split, second draw, candidates alive and evidence per step."""
+    lines = [f"## Candidates along the steps: {name}", ""]
+    if "goal_split" in r:
+        split = r["goal_split"]
+        goals = ", ".join(f"goal {g} {_pct(v)} %" for g, v in split.items() if g != "none")
+        lines.append(f"Final videos (n = {r['n']}) end at {goals}, neither {_pct(split['none'])} % (goals numbered in "
+                     f"row-major cell order, independent of which one the training video walked to; a balanced "
+                     f"organism gives ≈ 50/50, a learned bias far from it).")
+        if "gt_goal_match" in r:
+            lines[-1] += f" Same goal as the instance's ground-truth video: {_pct(r['gt_goal_match'])} %."
+        if redraw:
+            lines.append(f"\nA second noise draw (generator seed {redraw['seed']}): {_pct(redraw['accuracy'])} % "
+                         f"exact; of the {redraw['n_both']} instances that reached a goal in both draws "
+                         f"{_pct(redraw['same_goal'])} % reached the same one (≈ 50 % when the noise picks the goal, "
+                         f"100 % when the maze fixes it).")
+        lines.append("")
+    if "per_step_candidates_alive" in r:
+        alive = r["per_step_candidates_alive"]
+        lines += [f"Evidence per candidate is `task.candidates` on x̂0 of each step (0 = not drawn, 1 = fully drawn; "
+                  f"an even blend of two paths gives 0.5 each). Alive = evidence ≥ threshold; ≥ 0.25 (half an even "
+                  f"blend's weight) is the primary count, ≥ 0.5 sits on the blend itself. 'Final choice' is the "
+                  f"candidate with the most evidence in the final video, 'best other' the strongest of the rest "
+                  f"(means over n = {r['n']}).", ""]
+        rows = [[i, f"{sigmas[i]:.3f}" if i < len(sigmas) else "?", _pct(r["per_step_accuracy"][i]),
+                 f"{alive['0.25'][i]:.2f}", f"{alive['0.5'][i]:.2f}", f"{r['per_step_evidence_chosen'][i]:.3f}",
+                 f"{r['per_step_evidence_runner_up'][i]:.3f}"] for i in range(len(r["per_step_accuracy"]))]
+        lines.append(_table(rows, ["step", "σ", "exact %", "alive ≥ 0.25", "alive ≥ 0.5", "final choice",
+                                   "best other"]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _init_text(init: dict | None) -> str:
+    if not init:
+        return "- initial weights: random (seeded)\n"
+    tasks = ",".join(f"{n}:{w:g}" for n, w in init.get("tasks") or [])
+    prior = (f", trained {init['step']} steps on {tasks} in {init['train_seconds'] / 60:.1f} min"
+             if init.get("step") is not None and init.get("train_seconds") is not None else "")
+    return (f"- initial weights: the transformer of `{init['from']}` (task ids {init['task_names']}{prior}); new tasks "
+            f"use new one-hot slots of the prompt embedding; AdamW and EMA started fresh\n")
+
+
 def write_card(folder: Path, report: dict[str, Any]) -> None:
     """Write `eval.json` (the whole report) and the model card README.md from it into the weights folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / EVAL_FILE).write_text(json.dumps(report, indent=1))
     cfg, test = report["config"], report["test"]
-    steps = test["num_inference_steps"]
-    acc_rows = [[name, r["n"], f"{100 * r['accuracy']:.1f} %", f"{r['score']:.3f}", f"{r['seeds'][0]}..{r['seeds'][1]}"]
+    steps, sigmas = test["num_inference_steps"], test.get("sigmas", [])
+    acc_rows = [[name, r["n"], f"{_pct(r['accuracy'])} %", f"{r['score']:.3f}", f"{r['seeds'][0]}..{r['seeds'][1]}"]
                 for name, r in test["tasks"].items()]
-    curve_rows = [[i] + [f"{100 * r['per_step_accuracy'][i]:.1f}" for r in test["tasks"].values()]
-                  for i in range(steps)]
+    curve_rows = [[i, f"{sigmas[i]:.3f}" if i < len(sigmas) else "?"]
+                  + [_pct(r["per_step_accuracy"][i]) for r in test["tasks"].values()] for i in range(steps)]
+    candidates = "\n".join(_candidates_section(name, r, sigmas, report.get("redraw", {}).get(name))
+                           for name, r in test["tasks"].items() if "candidates_alive_final" in r)
     loss_rows = [[s, f"{v:.5f}"] for s, v in _thin(report["losses"], 25)]
     tp = report.get("throughput", {})
     cpu = report.get("cpu_seconds_per_sample")
     tasks = ",".join(f"{n}:{w:g}" for n, w in cfg["tasks"])
+    init_flag = f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""
     notes = "".join(f"\n{note}\n" for note in report.get("notes", []))
     text = f"""# cos-lab organism
 
@@ -142,20 +269,21 @@ Weights: safetensors, float32, `{report["weights"]}` weights of the run. Load of
 
 ## Answer accuracy at each step (% exact, answer read from x̂0 of that step; step 0 = noisiest)
 
-{_table(curve_rows, ["step"] + list(test["tasks"]))}
+{_table(curve_rows, ["step", "σ"] + list(test["tasks"]))}
 
+{candidates}
 ## Training
 
-Recipe: `cos train --preset {cfg["preset"]} --tasks {tasks} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]}`
-(AdamW lr {cfg["lr"]}, warmup {cfg["warmup"]}, linear decay over the last {100 * cfg["decay_frac"]:.0f} %, weight
-decay {cfg["weight_decay"]}, EMA {cfg["ema_decay"]}, {cfg["precision"]} autocast; rectified flow
+Recipe: `cos train --preset {cfg["preset"]} --tasks {tasks} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]}\
+{init_flag}` (AdamW lr {cfg["lr"]}, warmup {cfg["warmup"]}, linear decay over the last {100 * cfg["decay_frac"]:.0f} %,
+weight decay {cfg["weight_decay"]}, EMA {cfg["ema_decay"]}, {cfg["precision"]} autocast; rectified flow
 x_t = (1−σ)·x0 + σ·ε, target ε − x0, σ drawn uniformly through the shift map; loss weight
 1 + {cfg["answer_weight"]} on pixels that differ from frame 0 (the answer), 1 elsewhere, so walls keep their weight;
 task token dropped with p = {cfg["cond_dropout"]} for optional CFG). Batches are fresh TRAIN seeds every
 step, made by `--workers` CPU processes.
 
-- steps trained: {report["step"]}; training time: {report["train_seconds"] / 60:.1f} min (compile and validation
-  included) on {report.get("device_name", "?")}
+{_init_text(report.get("init"))}- steps trained: {report["step"]}; training time: {report["train_seconds"] / 60:.1f} min \
+(compile and validation included) on {report.get("device_name", "?")}
 - throughput: {tp.get("it_s", math.nan):.2f} it/s × batch {tp.get("batch_size", "?")} = \
 {tp.get("achieved_tflops", math.nan):.1f} TFLOP/s = {100 * tp.get("fraction_of_peak", math.nan):.1f} % of a \
 {tp.get("peak_tflops", "?")} TFLOP/s bf16 peak

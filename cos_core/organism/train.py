@@ -2,7 +2,8 @@
 
 Owns `TrainConfig`, the flow-matching loss (x_t = (1−σ)·x0 + σ·ε, target v = ε − x0, σ drawn through the same
 shift as the sampler's schedule), the learning-rate schedule (warmup, constant, linear decay), the EMA, and the
-loop with its checkpoints (`checkpoint.py`), validation and final export + evaluation (`evaluate.py`).
+loop with its checkpoints (`checkpoint.py`), validation and final export + evaluation (`evaluate.py`). A run starts
+from random weights or, with `init_from`, from a saved organism's transformer (fine-tuning; fresh optimizer).
 Every random draw of step s comes from a generator seeded by (seed, s), and batch s from fixed seeds, so a resumed
 run repeats an uninterrupted one. The library logs; progress goes to an `on_log` callback (the CLI draws the bar).
 """
@@ -63,6 +64,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "cpu"
     peak_tflops: float = 790.0  # the accelerator's dense bf16 peak, for the fraction-of-peak figure
+    init_from: str = ""  # a save_pretrained organism folder whose transformer weights start the run; "" = random
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -80,6 +82,8 @@ class TrainConfig:
         if not 0 <= self.decay_frac <= 1 or not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout < 1:
             raise ValueError(f"decay_frac={self.decay_frac} must be in [0, 1], ema_decay={self.ema_decay} and "
                              f"cond_dropout={self.cond_dropout} in [0, 1)")
+        if not isinstance(self.init_from, str):
+            raise ValueError(f"init_from must be a folder path (str), got {self.init_from!r}")
         if self.shift <= 0 or self.answer_weight < 0:
             raise ValueError(f"shift={self.shift} must be > 0 and answer_weight={self.answer_weight} >= 0")
         task_mix(self.tasks, self.batch_size, self.task_params)  # validates names, weights and batch size
@@ -128,6 +132,40 @@ def flow_loss(model: Callable, x0: torch.Tensor, task_ids: torch.Tensor, generat
     answer = ((x0 - x0[:, :, :1]).abs().amax(dim=1, keepdim=True) > 1e-3).float()  # (B, 1, F, H, W)
     weight = 1 + cfg.answer_weight * answer
     return ((pred.float() - target).square() * weight).mean() / weight.mean()
+
+
+def initial_weights(model: torch.nn.Module, folder: Path, task_names: tuple[str, ...],
+                    video_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Load the transformer weights of organism folder `folder` into `model` (same architecture); returns what the
+    card records: the folder and its own training summary. Its task ids must be a prefix of `task_names` (new tasks
+    take the next one-hot slots of the prompt embedding) and its video shape must equal `video_shape`."""
+    from .pipeline import load_transformer
+
+    index = folder / "model_index.json"
+    if not index.is_file() or not (folder / "transformer" / "config.json").is_file():
+        raise ValueError(f"init_from={str(folder)!r} is not a save_pretrained organism folder "
+                         f"(needs model_index.json and transformer/config.json)")
+    saved = json.loads(index.read_text())
+    names = list(saved.get("task_names", []))
+    if names != list(task_names[:len(names)]):
+        raise ValueError(f"init_from={str(folder)!r} has task ids {names}; they must be a prefix of {list(task_names)}")
+    if list(saved.get("video_shape", [])) != list(video_shape):
+        raise ValueError(f"init_from={str(folder)!r} makes videos {saved.get('video_shape')}; the tasks need "
+                         f"{list(video_shape)}")
+    loaded = load_transformer(str(folder / "transformer"))
+    ours, theirs = (json.loads(json.dumps(dict(m.config))) for m in (model, loaded))  # tuples vs JSON lists
+    differ = sorted(k for k, v in ours.items() if not k.startswith("_") and theirs.get(k) != v)
+    if differ:
+        raise ValueError(f"init_from={str(folder)!r} has another architecture: {', '.join(differ)} differ from the "
+                         f"preset; allowed: the same preset")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    record: dict[str, Any] = {"from": str(folder), "task_names": names}
+    if (folder / "eval.json").is_file():
+        prior = json.loads((folder / "eval.json").read_text())
+        record |= {"step": prior.get("step"), "train_seconds": prior.get("train_seconds"),
+                   "tasks": prior.get("config", {}).get("tasks"), "init": prior.get("init")}
+    logger.info("initial weights from %s (tasks %s)", folder, names)
+    return record
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -188,12 +226,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights
         self.pipe = build_pipeline(cfg.preset, task_names=tuple(TASKS), video_shape=self.video_shape,
                                    shift=cfg.shift)
+        self.state: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "losses": [], "validation": []}
+        if cfg.init_from and not resume:  # on resume the checkpoint holds the weights (and the init record)
+            self.state["init"] = initial_weights(self.pipe.transformer, Path(cfg.init_from), tuple(TASKS),
+                                                 self.video_shape)
         self.model = self.pipe.transformer.to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(0.9, 0.99), **fused)
-        self.state: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "losses": [], "validation": []}
         if resume:
             self._load(cfg)
         elif self.checkpoint_dir.exists():
@@ -219,7 +260,8 @@ class Trainer:
                                             for k, v in groups["optim"].items()}, state["param_groups"])
         else:
             logger.warning("checkpoint has no optimizer shards; AdamW restarts")
-        self.state = {k: state[k] for k in ("step", "train_seconds", "losses", "validation", "rates") if k in state}
+        self.state = {k: state[k] for k in ("step", "train_seconds", "losses", "validation", "rates", "init")
+                      if k in state}
         logger.info("resumed from %s at step %d", self.checkpoint_dir, self.state["step"])
 
     def save(self) -> None:
@@ -333,7 +375,7 @@ def finish(trainer: Trainer, summary: dict[str, Any], evaluate_test: bool = True
     """Export the better of EMA/raw weights into `trainer.out`, evaluate on TEST seeds, write eval.json + card."""
     from cos_core.tasks import TEST_SEEDS
 
-    from .evaluate import evaluate, write_card
+    from .evaluate import evaluate, noise_redraw, write_card
 
     cfg = trainer.cfg
     which = best_weights(trainer.state["validation"])
@@ -350,12 +392,14 @@ def finish(trainer: Trainer, summary: dict[str, Any], evaluate_test: bool = True
         "throughput": describe_throughput(summary["flops_per_sample"], cfg.batch_size, summary["last_it_s"],
                                           cfg.peak_tflops),
         "losses": trainer.state["losses"], "validation": trainer.state["validation"],
+        "init": trainer.state.get("init"),
     }
     if evaluate_test and cfg.eval_n:
         pipe.to(trainer.device)
         names = [n for n, _ in cfg.tasks]
         seeds = {n: range(TEST_SEEDS.start, TEST_SEEDS.start + cfg.eval_n) for n in names}
         report["test"] = evaluate(pipe, seeds, cfg.num_inference_steps, task_params=cfg.task_params)
+        report["redraw"] = noise_redraw(pipe, report["test"], seeds, cfg.task_params)  # is a fork goal noise's pick?
         pipe.to("cpu")
         write_card(trainer.out, report)
     else:

@@ -17,7 +17,8 @@ from .presets import PRESETS
 # flag dest -> TrainConfig field (flags left at None take the config's default, or the checkpoint's on --resume)
 FIELDS = ("preset", "steps", "batch_size", "lr", "warmup", "decay_frac", "weight_decay", "ema_decay",
           "answer_weight", "shift", "cond_dropout", "precision", "seed", "num_inference_steps", "checkpoint_every",
-          "eval_every", "log_every", "val_n", "eval_n", "time_limit", "workers", "compile", "device", "peak_tflops")
+          "eval_every", "log_every", "val_n", "eval_n", "time_limit", "workers", "compile", "device", "peak_tflops",
+          "init_from")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default on CUDA)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
     a("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for the fraction-of-peak figure")
+    a("--init-from", default=None, metavar="DIR",
+      help="start from the transformer weights of a saved organism folder (fine-tuning; its task ids must be a "
+           "prefix of the registry, new tasks get new prompt slots; fresh optimizer)")
     a("--out", default="models/organism", help="weights folder (save_pretrained + README.md + eval.json)")
     a("--checkpoint-dir", default=None, help="checkpoint folder (default <out>_ckpt)")
     a("--resume", action="store_true", help="continue the run in the checkpoint folder")
