@@ -8,7 +8,6 @@ on a session's first run). Only this file and `views/` import streamlit; nothing
 """
 
 import sys
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -35,11 +34,9 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
-started = time.perf_counter()
-shared.begin_url_sync()
+shared.begin_run()
 try:
     shared.sidebar()
     page.run()
 finally:
-    shared.end_url_sync()
-    st.session_state[shared.RENDER_SECONDS] = time.perf_counter() - started  # read by bench/dashboard_render.py
+    shared.end_run()  # (a page that stops early has called it already)

@@ -342,3 +342,15 @@ def test_pixel_rendering_and_derived_checks():
         dd.check_derived("probe_grid", pd.DataFrame({"label": ["a"], "layer": [0], "step": [0], "accuracy": [1.0]}))
     with pytest.raises(ValueError, match="unknown derived table"):
         dd.check_derived("nope", pd.DataFrame())
+
+
+def test_top_components_match_a_full_svd():
+    rng = np.random.default_rng(1)
+    points = rng.standard_normal((300, 2)) @ np.diag([5.0, 2.0]) @ rng.standard_normal((2, 64))
+    points += 0.1 * rng.standard_normal((300, 64))
+    coords, ratio = dd.top_components(points, 2)
+    centred = points - points.mean(axis=0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(coords), np.abs(centred @ vt[:2].T), atol=1e-8)
+    np.testing.assert_allclose(ratio, sv[:2] ** 2 / (sv**2).sum(), rtol=1e-10)
+    assert dd.top_components(np.ones((5, 3)))[1].tolist() == [0.0, 0.0]  # no variance: zeros, no NaN

@@ -45,8 +45,8 @@ def server(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("streamlit") / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
-                             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"], cwd=APP.parent, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+                             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+                            cwd=APP.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60

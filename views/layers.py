@@ -25,9 +25,12 @@ with shared.guard():
                    "with --reductions frame_mean,token_norm to see this view.", icon=":material/warning:")
     else:
         grid = shared.cached(dd.token_norm_grid, archive, site, sample, step, branch)  # (layer, frame, row, col)
-        frames = list(range(grid.shape[1]))
-        shared.show(plots.token_norm_mosaic, (grid, info["layers"], frames, step),
+        n_frames = grid.shape[1]
+        shown = dd.spread(list(range(n_frames)), shared.slider("frames in the grid", list(range(1, n_frames + 1)),
+                                                               "cols", default=min(n_frames, 8)))
+        shared.show(plots.token_norm_mosaic, (grid[:, shown], info["layers"], shown, step),
                     lambda: dd.token_norm_table(grid, info["layers"]), f"{archive.run_id}-token-norm-s{step}")
+        frames = list(range(n_frames))
         mean = grid.mean(axis=(2, 3))  # (layer, frame)
         table = pd.DataFrame(mean, index=pd.Index(info["layers"], name="layer"),
                              columns=[f"frame_{f}" for f in frames]).reset_index()
@@ -36,7 +39,8 @@ with shared.guard():
 
     st.subheader("PCA of frame-mean activations")
     if "frame_mean" not in info["reductions"]:
-        st.warning(f"`frame_mean` was not captured for {site}; capture with --reductions frame_mean.", icon=":material/warning:")
+        st.warning(f"`frame_mean` was not captured for {site}; capture with --reductions frame_mean.",
+                   icon=":material/warning:")
     else:
         pca, ratio = shared.cached(dd.frame_mean_pca, archive, site, sample, branch)
         color = st.radio("colour by", ["layer", "step"], horizontal=True, key="pca_color")

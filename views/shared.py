@@ -9,6 +9,7 @@ modules only (archive, dashboard_data, plots): never torch or diffusers.
 from __future__ import annotations
 
 import hashlib
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -25,13 +26,14 @@ APP_DIR = Path(__file__).resolve().parent.parent
 URL_KEYS = "_cos_url_keys"   # session key: the widget keys mirrored into the URL during this run
 SELECTION = "_cos_selection"
 RENDER_SECONDS = "_cos_render_seconds"  # session key: how long the last script run took (sidebar + page)
+STARTED_AT = "_cos_started_at"
 
 
 # ---- error cards -------------------------------------------------------------------------------------------
 def stop() -> None:
-    """End this page's run early; the URL keeps only what this run's widgets published (after `st.stop()` a
-    change to `st.query_params` is no longer sent, so the clean-up happens first)."""
-    end_url_sync()
+    """End this page's run early. `end_run` comes first: after `st.stop()` changes to `st.query_params` and
+    `st.session_state` are dropped."""
+    end_run()
     st.stop()
 
 
@@ -65,16 +67,19 @@ def _publish(key: str, value: Any) -> None:
     st.session_state.setdefault(URL_KEYS, set()).add(key)
 
 
-def begin_url_sync() -> None:
+def begin_run() -> None:
     st.session_state[URL_KEYS] = set()
+    st.session_state[STARTED_AT] = time.perf_counter()
 
 
-def end_url_sync(always: Sequence[str] = ()) -> None:
-    """Drop URL parameters that no widget of this run published (stale keys of another page)."""
-    keep = st.session_state.get(URL_KEYS, set()) | set(always)
+def end_run() -> None:
+    """Drop URL parameters that no widget of this run published (stale keys of another page) and record how long
+    the run took (bench/dashboard_render.py reads it)."""
+    keep = st.session_state.get(URL_KEYS, set())
     for key in list(st.query_params.keys()):
         if key not in keep:
             del st.query_params[key]
+    st.session_state[RENDER_SECONDS] = time.perf_counter() - st.session_state.get(STARTED_AT, time.perf_counter())
 
 
 def select(label: str, options: Sequence[Any], key: str, default: Any = None, where: Any = st,
@@ -207,7 +212,8 @@ def sidebar() -> Selection:
         runs, bad = scan(root)
         sel = Selection(root=root, runs=runs, bad=bad)
         if bad:
-            st.warning(f"{len(bad)} run(s) in this directory cannot be read; the Overview page says why.", icon=":material/warning:")
+            st.warning(f"{len(bad)} run(s) in this directory cannot be read; the Overview page says why.",
+                       icon=":material/warning:")
         if not runs:
             st.caption(f"No readable runs in `{root}`.")
         else:
