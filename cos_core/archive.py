@@ -30,6 +30,9 @@ Schema (``SCHEMA_VERSION`` = 1)::
 
 A run being written lives in ``<run_id>.partial/`` (with ``manifest.partial.json``); finished shards are renamed
 into place, the manifest is written last and the directory renamed, so a reader sees a complete run or none.
+Readers check the schema version and every manifest field's type at open, refuse paths that resolve outside the
+run directory, and check each tensor's header against the dtype and shape the manifest promises; every problem is
+an `ArchiveError` (docs/reliability.md lists the cases).
 Steps count from 0 = noisiest; ``t`` is the scheduler's timestep value, never an index.
 """
 
