@@ -356,14 +356,11 @@ def test_labels_with_one_class_only_are_refused_by_the_probe_grid(tmp_path):
         probe_grid(archive, AnalyzeConfig(probe={"engine": "sklearn", "n_boot": 100}))
 
 
-@pytest.mark.xfail(strict=True, reason="cos_core.analysis.dynamics.run_convergence does not check x0_hat for NaN/inf: "
-                                       "it returns NaN distances and phase steps of None without naming the cells "
-                                       "(reported to the lead; analysis code is not this suite's to edit)")
 def test_nan_in_x0_hat_names_the_sample_and_step_in_convergence(tmp_path):
     from cos_core.analysis.dynamics import run_convergence
 
     archive = analysis_run(tmp_path, "nan-x0", x0_bad=(3, 1))
-    with pytest.raises(ValueError, match="sample 3.*step 1"):
+    with pytest.raises(ValueError, match="nan-x0 sample 3: x0_hat holds NaN/inf at step 1"):
         run_convergence(archive)
 
 

@@ -257,12 +257,20 @@ class KillHarness:
 
     def reference(self, mode: str = "fork") -> Archive:
         """The uninterrupted run, in its own runs directory (so `list_runs(self.runs)` never lists it)."""
-        runs = self.root / "reference"
+        self.ref = Archive.open(self.calibrate("reference", mode))
+        return self.ref
+
+    def calibrate(self, run_id: str = "", mode: str = "fork") -> Path:
+        """Run an uninterrupted capture into `root/reference` and time it (start-up, per sample, finalize), so that
+        timed kills follow the machine's current speed; returns the run's path."""
         if mode == "fork":
             _context()  # start-up below is then the child's own (model build), not the server's imports
+        self._n += 1
+        run_id = run_id or f"calibrate{self._n}"
+        runs = self.root / "reference"
         t0 = time.monotonic()
-        child = self._start(runs, "reference", None, mode)
-        partial = runs / f"reference{PARTIAL_SUFFIX}"
+        child = self._start(runs, run_id, None, mode)
+        partial = runs / f"{run_id}{PARTIAL_SUFFIX}"
         seen = self._wait_for(child, partial)
         self.startup_seconds = seen - t0
         shard_times = [self._wait_for(child, partial / shard_name(i)) for i in range(self.n_seeds)]
@@ -273,8 +281,7 @@ class KillHarness:
         self.capture_seconds = end - seen
         self.shard_seconds = float(np.median(np.diff([seen, *shard_times])))
         self.finalize_seconds = end - shard_times[-1]
-        self.ref = Archive.open(runs / "reference")
-        return self.ref
+        return runs / run_id
 
     def _wait_for(self, child: Child, path: Path) -> float:
         deadline = time.monotonic() + self.timeout
