@@ -98,7 +98,8 @@ def test_save_load_round_trip(tiny, tmp_path):
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="no shipped weights")
 def test_shipped_weights_solve_held_out_instances_on_cpu():
-    """A regression guard at 2 sampler steps (the card's per-step curve shows the answer readable from step 0)."""
+    """A regression guard at 2 sampler steps for the unique-answer tasks (the card's per-step curve shows the answer
+    readable from step 0) and at 8 for fork, whose goal the noise picks over the first steps."""
     pipe = OrganismPipeline.from_pretrained(SHIPPED)
     card = json.loads((SHIPPED / "eval.json").read_text())
     assert all(r["n"] >= 200 for r in card["test"]["tasks"].values())
@@ -109,6 +110,18 @@ def test_shipped_weights_solve_held_out_instances_on_cpu():
                      generator=torch.Generator().manual_seed(0)).frames[0]
         assert video.shape == inst.video.shape
         assert task.score(task.extract(video), inst)["correct"] == 1.0, name
+    # fork: two equally near goals; the noise picks one (8 steps: the choice is made over the first few)
+    fork, goals = get_task("fork"), set()
+    inst = fork.instance(TEST_SEEDS.start + 777_778)
+    for seed in range(2):
+        video = pipe(inst.first_frame, task="fork", num_inference_steps=8,
+                     generator=torch.Generator().manual_seed(seed)).frames[0]
+        score = fork.score(fork.extract(video), inst)
+        assert score["correct"] == 1.0, seed
+        goals.add(score["goal"])
+    assert goals == {0.0, 1.0}, "every noise draw walked to the same goal"
+    curve = card["test"]["tasks"]["fork"]["per_step_accuracy"]
+    assert curve[0] < 0.1 < 0.9 < curve[-1], "fork's x̂0 should hold no single answer at step 0 and one at the end"
 
 
 def test_bad_pipeline_arguments(tiny):
