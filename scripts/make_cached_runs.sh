@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Regenerates cached_runs/: real archives of the shipped organism made by `cos capture`, analysed by `cos analyze`.
+# Every run's manifest records the exact command that made it. Sizes are chosen to ship (float16 storage,
+# activations every other step); for research-size runs raise --instances / --seeds and drop --steps.
+# Usage: bash scripts/make_cached_runs.sh [runs_dir]     (deletes and remakes the organism-* runs there)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-cached_runs}
+COS=${COS:-cos}   # e.g. COS="python3 -m cos_core.cli" where the package is not installed
+mkdir -p "$RUNS"
+COMMON=(--store-dtype float16 --tensors x0_hat --reductions frame_mean,token_norm --steps 0:16:2 --runs-dir "$RUNS")
+make_run() {  # task instances seeds
+  local id="organism-$1"
+  rm -rf "${RUNS:?}/$id" "${RUNS:?}/$id.partial"
+  $COS capture --task "$1" --instances "$2" --seeds "$3" --run-id "$id" "${COMMON[@]}"
+  $COS analyze --runs-dir "$RUNS" "$id"
+}
+make_run maze 6 0,1
+make_run memory 6 0,1
+make_run choice 6 0,1
+make_run fork 16 0,1
+du -sh "$RUNS"
