@@ -23,9 +23,9 @@ COPY --chown=user pyproject.toml README.md ./
 COPY --chown=user cos_core ./cos_core
 RUN pip install --user --no-cache-dir . \
     && python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch must not be in the image'"
-COPY --chown=user app.py ./
-COPY --chown=user views ./views
-COPY --chown=user cached_runs ./cached_runs
+# app.py, views/ and cached_runs/ (whatever .dockerignore lets through; a checkout without runs still starts and
+# says how to make them)
+COPY --chown=user . ./
 
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \

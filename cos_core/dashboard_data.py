@@ -190,9 +190,9 @@ def x0_frames(archive: Archive, sample: int, steps: list[int], frames: list[int]
         positions = archive.manifest["decoded"]["steps"]
         for step in steps:
             pos = archive._position(positions, step, "decoded step")
-            row = [archive.read(sample, "decoded/x0_hat", (pos, f)) for f in frames]  # each (H, W, 3)
-            s = _stride(max(row[0].shape[:2]), max_side)
-            out.append(np.stack([r[::s, ::s] for r in row]))
+            h, w = archive.manifest["decoded"]["shape"][1:3]
+            s = _stride(max(h, w), max_side)
+            out.append(np.stack([archive.read(sample, "decoded/x0_hat", (pos, f))[::s, ::s].copy() for f in frames]))
         return Frames(np.stack(out), list(steps), list(frames), source)
     lo, hi = _latent_range(archive, sample) if source == "latent" else (-1.0, 1.0)
     for step in steps:
@@ -215,7 +215,8 @@ def final_frames(archive: Archive, sample: int, max_side: int = 256) -> np.ndarr
     if source == "decoded":  # frame by frame with a stride: memory follows the thumbnails, not the video
         n, h, w = archive.manifest["decoded"]["shape"][:3]
         s = _stride(max(h, w), max_side)
-        return np.stack([archive.read(sample, "decoded/final", (f,))[::s, ::s] for f in range(n)])
+        # copy: a strided view would keep each full frame alive until the stack
+        return np.stack([archive.read(sample, "decoded/final", (f,))[::s, ::s].copy() for f in range(n)])
     final = archive.read(sample, "final")  # (C, F, H, W)
     lo, hi = _latent_range(archive, sample) if source == "latent" else (-1.0, 1.0)
     s = _stride(max(final.shape[-2:]), max_side)
