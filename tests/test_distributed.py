@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cos_core.archive import Archive
@@ -109,7 +110,16 @@ def single(tmp_path_factory):
 def test_three_ranks_with_an_uneven_split_equal_one_process(single, tmp_path):
     errors = _run_threads(tmp_path, "run", range(5), world=3)
     assert not errors, errors
-    assert_same_archive(Archive.open(tmp_path / "run"), single)
+    multi = Archive.open(tmp_path / "run")
+    assert_same_archive(multi, single)
+    from cos_core.analysis.analyze import analyze_run
+
+    tables_multi, skipped_multi = analyze_run(multi, write=False)
+    tables_single, skipped_single = analyze_run(single, write=False)
+    assert tables_multi and skipped_multi == skipped_single
+    assert tables_multi.keys() == tables_single.keys()
+    for name, table in tables_multi.items():
+        pd.testing.assert_frame_equal(table, tables_single[name], obj=name)
 
 
 def test_a_killed_rank_is_resumed_by_rerunning_the_job(single, tmp_path):
