@@ -267,8 +267,9 @@ def gif_bytes(video: np.ndarray, fps: float = 4.0) -> bytes:
 
 # ---- layers --------------------------------------------------------------------------------------------------
 def token_norm_grid(archive: Archive, site: str, sample: int, step: int, branch: str) -> np.ndarray:
-    """Per-token L2 norm of every captured block at one step: (layer, frame, row, col) (paper Fig. 6)."""
-    return archive.act(site, "token_norm", sample=sample, step=step, branch=branch)
+    """Per-token L2 norm of every captured block at one step: (layer, frame, row, col) (paper Fig. 6), as float32
+    (runs may store float16, which plotly's JSON encoder refuses)."""
+    return archive.act(site, "token_norm", sample=sample, step=step, branch=branch).astype(np.float32)
 
 
 def token_norm_table(grid: np.ndarray, layers: list[int]) -> pd.DataFrame:

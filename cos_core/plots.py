@@ -383,9 +383,7 @@ def intervention_curves(table: pd.DataFrame) -> go.Figure:
 @_styled
 def layer_swap_bars(table: pd.DataFrame) -> go.Figure:
     part = table[table["kind"] == "layer_swap"].sort_values("position")
-    err = dict(type="data", symmetric=False, array=part["ci_high"] - part["value"],
-               arrayminus=part["value"] - part["ci_low"]) if {"ci_low", "ci_high"} <= set(part.columns) else None
-    fig = go.Figure(go.Bar(x=part["position"], y=part["value"], error_y=err))
+    fig = go.Figure(go.Bar(x=part["position"], y=part["value"], error_y=_ci(part, "value", "ci_low", "ci_high")))
     fig.update_layout(title="layer swap: how often the answer flips, per layer", xaxis_title="layer",
                       yaxis_title="flip rate", height=320, margin=MARGIN)
     return fig
@@ -409,8 +407,7 @@ def ensemble_curves(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for (method, n), part in table.groupby(["method", "n"]):
         part = part.sort_values("k")
-        err = dict(type="data", symmetric=False, array=part["ci_high"] - part["accuracy"],
-                   arrayminus=part["accuracy"] - part["ci_low"]) if {"ci_low", "ci_high"} <= set(part) else None
+        err = _ci(part, "accuracy", "ci_low", "ci_high")
         dash = "dash" if "noise" in str(method) or "control" in str(method) else "solid"
         fig.add_trace(go.Scatter(x=part["k"], y=part["accuracy"], error_y=err, mode="lines+markers",
                                  line=dict(dash=dash), name=f"{method}, n={n}"))

@@ -47,7 +47,8 @@ def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0) ->
         build_pipeline("tiny").save_pretrained(model_dir)
     args = argparse.Namespace(task=task, instances=2, first_instance=first, num_inference_steps=4)
     src = organism_source(args, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
-    return Archive.open(capture_run(src.pipe, src.items, CaptureSpec(reductions=("frame_mean", "token_norm")),
+    spec = CaptureSpec(reductions=("frame_mean", "token_norm"), steps="0:4:2", store_dtype="float16")  # as shipped
+    return Archive.open(capture_run(src.pipe, src.items, spec,
                                     runs_dir=runs, run_id=f"organism-{task}", call_kwargs=src.call_kwargs,
                                     source=src.label, score=src.score, command=["cos", "capture", "--task", task],
                                     extra=src.extra))
