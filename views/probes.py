@@ -19,7 +19,9 @@ with shared.guard():
         if column in table and table[column].nunique() > 1:
             value = shared.select(column, sorted(table[column].astype(str).unique()), f"probe_{column}")
             table = table[table[column].astype(str) == value]
-    label = shared.select("label", sorted(table["label"].astype(str).unique()), "label")
+    gain = (table["accuracy"] - table["chance"]).groupby(table["label"].astype(str)).max()
+    label = shared.select("label", sorted(gain.index), "label", default=gain.idxmax(),  # most decodable first
+                          format_func=lambda name: f"{name} (best: {gain[name]:+.2f} over chance)")
     metrics = [m for m in ("accuracy", "selectivity", "control_accuracy") if m in table]
     metric = shared.select("metric", metrics, "metric")
     part = table[table["label"].astype(str) == label]
