@@ -277,7 +277,9 @@ def test_live_page_runs_the_organism_into_a_temporary_run(app):
     at.button[0].click().run(timeout=120)
     assert not at.exception and not errors(at), errors(at)
     assert charts(at) == 2
-    assert Path(at.session_state["live_run"]).name == "live-maze-0"
+    run = Path(at.session_state["live_run"])
+    assert run.name == "live-maze-0" and Archive.open(run).n_steps == 2
+    shutil.rmtree(run.parent)  # the page's temporary runs directory
 
 
 def test_pages_start_without_torch(runs_dir):

@@ -85,6 +85,7 @@ if LIVE_RUN in st.session_state:
         frames = shared.cached(dd.x0_frames, archive, sample, tuple(steps), tuple(range(dd.n_video_frames(archive))))
         sigma = dict(zip(archive.steps["step"], archive.steps["sigma"]))
         row = table.set_index("sample").loc[sample]
-        st.caption(f"{archive.run_id}: {row.get('sample_id', '')}, answer {row.get('answer', '?')}")
+        verdict = {1.0: "correct", 0.0: "wrong"}.get(row.get("score_correct"), "not scored")
+        st.caption(f"{archive.run_id}: {row.get('sample_id', '')}, final answer {verdict}")
         shared.show(plots.steps_animation, (frames,), lambda: dd.frames_table(frames, sigma), "live-play")
         shared.show(plots.steps_grid, (frames, sigma), lambda: dd.frames_table(frames, sigma), "live-grid")
