@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import Instance, check_frame_size, check_int, render, sanitize
-from .maze import FLOOR, GOAL, PALETTE, TRACE, MazeTask, bfs, carve, move_of, trace_path
+from .common import Instance, check_int, render, sanitize
+from .maze import FLOOR, GOAL, PALETTE, TRACE, MazeTask, bfs, carve, check_maze_geometry, move_of, trace_path
 
 MOVE_PAIRS = tuple(combinations(range(4), 2))  # label `fork_moves`: unordered pair of moves out of the fork cell
 MAX_MAZES = 10_000  # mazes carved before giving up on one instance (only the largest min_path come near it)
@@ -35,12 +35,7 @@ class ForkConfig:
     width: int = 24
 
     def __post_init__(self) -> None:
-        check_frame_size(self.height, self.width, self.n_frames)
-        check_int("cell_px", self.cell_px, 3, 64)
-        max_size = (min(self.height, self.width) - 1) // self.cell_px
-        if max_size < 3:
-            raise ValueError(f"cell_px={self.cell_px} leaves no room for a 3x3 maze in {self.height}x{self.width} px")
-        check_int("size", self.size, 3, max_size)
+        check_maze_geometry(self, min_size=3)
         check_int("max_shared", self.max_shared, 0, 3)
         check_int("min_path", self.min_path, 3, self.size * self.size // 2)  # two near-disjoint paths must fit
 

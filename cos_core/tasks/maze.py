@@ -36,13 +36,19 @@ class MazeConfig:
     width: int = 24
 
     def __post_init__(self) -> None:
-        check_frame_size(self.height, self.width, self.n_frames)
-        check_int("cell_px", self.cell_px, 3, 64)
-        max_size = (min(self.height, self.width) - 1) // self.cell_px
-        if max_size < 2:
-            raise ValueError(f"cell_px={self.cell_px} leaves no room for a 2x2 maze in {self.height}x{self.width} px")
-        check_int("size", self.size, 2, max_size)
+        check_maze_geometry(self, min_size=2)
         check_int("min_path", self.min_path, 2, self.size * self.size)
+
+
+def check_maze_geometry(cfg: Any, min_size: int) -> None:
+    """Frame size, cell pitch and maze size of a maze-like config fit together (ValueError naming what is off)."""
+    check_frame_size(cfg.height, cfg.width, cfg.n_frames)
+    check_int("cell_px", cfg.cell_px, 3, 64)
+    max_size = (min(cfg.height, cfg.width) - 1) // cfg.cell_px
+    if max_size < min_size:
+        raise ValueError(f"cell_px={cfg.cell_px} leaves no room for a {min_size}x{min_size} maze in "
+                         f"{cfg.height}x{cfg.width} px")
+    check_int("size", cfg.size, min_size, max_size)
 
 
 class MazeTask(Task):
