@@ -47,3 +47,41 @@ def tiny(one_torch_thread):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def organism_run(tmp_path_factory, one_torch_thread):
+    """`organism_run(task="fork", instances=3, seeds=(0, 1), steps=4)` -> (Archive, model_dir): a tiny random organism
+    (seeded weights, every task) saved to disk and captured by `capture_run` with x̂0 at every step, cached per
+    module. Replays, interventions and ensembles re-run it from `model_dir`."""
+    import argparse
+
+    import torch
+
+    from cos_core.archive import Archive
+    from cos_core.capture import CaptureSpec
+    from cos_core.capture_run import capture_run
+    from cos_core.model_sources import organism_source
+    from cos_core.organism.pipeline import build_pipeline
+    from cos_core.tasks import TASK_NAMES
+
+    root = tmp_path_factory.mktemp("organism")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    build_pipeline("tiny", task_names=TASK_NAMES).save_pretrained(model_dir)
+    cache = {}
+
+    def get(task: str = "fork", instances: int = 3, seeds: tuple[int, ...] = (0, 1), steps: int = 4):
+        key = (task, instances, tuple(seeds), steps)
+        if key not in cache:
+            args = argparse.Namespace(task=task, instances=instances, first_instance=0, num_inference_steps=steps)
+            src = organism_source(args, device="cpu", dtype=torch.float32, seeds=list(seeds), model_dir=model_dir)
+            spec = CaptureSpec(reductions=("frame_mean",), tensors=("x0_hat",))
+            run_id = f"organism-{task}-{instances}x{len(seeds)}x{steps}"
+            path = capture_run(src.pipe, src.items, spec, runs_dir=root / "runs", run_id=run_id,
+                               call_kwargs=src.call_kwargs, source=src.label, score=src.score,
+                               command=["cos", "capture", "--task", task], extra=src.extra)
+            cache[key] = Archive.open(path)
+        return cache[key], model_dir
+
+    return get
