@@ -13,7 +13,8 @@ Schema (``SCHEMA_VERSION`` = 1)::
                            "latent" {channels, frames, height, width}, "token_grid" {frames, rows, cols, patch},
                            "tensors" {name: {steps, dtype, shape}}, "sites" {site: {n_layers, layers, steps,
                            branches, dim, dtype, reductions {name: {shape}}, tokens [[layer, step], ...]}},
-                           "decoded" {steps, shape} | null, "n_samples", "shards" [relative paths]}
+                           "decoded" {steps, shape} | null, "n_samples", "shards" [relative paths],
+                           "timing" {capture_s (capture phase wall time, all ranks), world_size, captured_here}}
       samples.parquet      one row per sample: sample, sample_id, task, instance, seed, prompt, label_*, answer,
                            score_*, shard
       shards/sample_NNNNNN.safetensors   every tensor of one sample (one work item = instance x seed):

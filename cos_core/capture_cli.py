@@ -22,12 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to run")
     src.add_argument("--model", default="organism",
                      help="'organism' (the shipped small model, default), 'tiny:<family>' (tiny random diffusers "
-                          "pipeline: wan_t2v, wan_i2v, wan22, cogvideox, ltx, hunyuan), or a local diffusers "
+                          "pipeline: wan_t2v, wan_i2v, wan22, cogvideox, ltx, hunyuan), 'random:wan2.1-1.3b' "
+                          "(Wan2.1-1.3B architecture, random weights, 480x832x33: for benchmarks), or a local diffusers "
                           "folder / hub id loaded with DiffusionPipeline.from_pretrained")
     src.add_argument("--task", default="maze", help="organism task (maze, memory, choice); ignored for other models")
     src.add_argument("--instances", type=int, default=4, help="number of task instances (test seeds), default 4")
     src.add_argument("--first-instance", type=int, default=0, help="offset into the task's held-out seeds")
-    src.add_argument("--seeds", default="0", help="noise seeds per instance, comma list, default '0'")
+    src.add_argument("--seeds", default="0", help="noise seeds per instance: comma list and/or ranges "
+                     "'a:b' (b excluded), default '0'")
     src.add_argument("--vbvr", type=Path, help="VBVR-Bench style folder (first_frame.png, prompt.txt, "
                                                   "ground_truth.mp4 per sample) as input source")
     src.add_argument("--prompt", action="append", help="text prompt (repeatable) for models with a text encoder")
@@ -85,9 +87,16 @@ def _spec(args: argparse.Namespace):
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        out = []
+        for part in (s.strip() for s in text.split(",") if s.strip()):
+            if ":" in part:  # a range 'a:b' (b excluded)
+                low, high = (int(v) for v in part.split(":"))
+                out.extend(range(low, high))
+            else:
+                out.append(int(part))
+        return out
     except ValueError:
-        raise ValueError(f"--seeds {text!r} must be a comma list of integers") from None
+        raise ValueError(f"--seeds {text!r} must be a comma list of integers or ranges 'a:b'") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -139,6 +140,7 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     ranks.barrier()  # every rank has checked the configuration before anyone writes
     done = writer.finished()
     pipe.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
     with capturer:
         for sample in progress([i for i in ranks.share(len(items)) if i not in done]):
             item = items[sample]
@@ -159,7 +161,10 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
             writer.write_sample(sample, tensors, row, layout)
     ranks.barrier()  # every rank's shards are written
     if ranks.is_main:
-        manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        # wall time of the capture phase, all ranks together (from the configuration barrier to the last shard)
+        timing = {"capture_s": round(time.perf_counter() - started, 3), "world_size": ranks.world,
+                  "captured_here": len(items) - len(done)}
+        manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timing": timing,
                     "command": command if command is not None else sys.argv, "config": config,
                     "versions": versions(), "model": info}
         writer.finalize(len(items), manifest)

@@ -1,5 +1,6 @@
 """Where a capture's model and work items come from: the shipped organism on a task, a tiny random diffusers
-pipeline, or any diffusers folder / hub id with prompts or a VBVR-Bench folder.
+pipeline, Wan2.1-1.3B's architecture with random weights (benchmarks), or any diffusers folder / hub id with
+prompts or a VBVR-Bench folder.
 
 Owns `Source` (pipeline, call kwargs, work items, scorer, labels for the manifest) and `load_source`. Imports torch
 and diffusers; never streamlit.
@@ -44,6 +45,8 @@ def load_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, se
         return organism_source(args, device=device, dtype=dtype, seeds=seeds)
     if args.model.startswith("tiny:"):
         return tiny_source(args, device=device, dtype=dtype, seeds=seeds)
+    if args.model.startswith("random:"):
+        return random_source(args, device=device, dtype=dtype, seeds=seeds)
     return pretrained_source(args, device=device, dtype=dtype, seeds=seeds)
 
 
@@ -97,6 +100,32 @@ def tiny_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, se
     call.update(_overrides(args))
     items = [WorkItem(sample_id=f"seed{s}", seed=s, task="", instance="0") for s in seeds]
     return Source(case.pipe, call, items, label=f"tiny:{name}", default_run_id=f"tiny-{name}")
+
+
+RANDOM_MODELS = ("wan2.1-1.3b",)
+
+
+def random_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+    """`random:wan2.1-1.3b`: Wan2.1-T2V-1.3B's transformer with seeded random weights (no download), no text encoder
+    or VAE, fixed seeded prompt embeddings: a real-size workload for capture and scaling benchmarks. Every rank
+    builds the same weights and embeddings; the work items are one per seed."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from .tiny_pipelines import wan_1_3b_transformer
+
+    name = args.model.split(":", 1)[1]
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"--model random:{name} is unknown; allowed: {', '.join('random:' + m for m in RANDOM_MODELS)}")
+    transformer = wan_1_3b_transformer(dtype, device=device)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
+                                        num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    embeds = torch.randn(2, 512, transformer.config.text_dim, generator=torch.Generator().manual_seed(0))
+    embeds = embeds.to(device=device, dtype=dtype)
+    call = {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:], "height": 480, "width": 832,
+            "num_frames": 33, "num_inference_steps": 20, "guidance_scale": 5.0, **_overrides(args)}
+    items = [WorkItem(sample_id=f"seed{s}", seed=s, task="", instance="0") for s in seeds]
+    return Source(pipe, call, items, label=f"random:{name}", default_run_id=f"random-{name}-{len(items)}")
 
 
 def pretrained_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:

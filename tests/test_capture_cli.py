@@ -60,7 +60,7 @@ def assert_same_archive(a: Archive, b: Archive) -> None:
         for key in a.keys(sample):
             np.testing.assert_array_equal(a.read(sample, key), b.read(sample, key), err_msg=f"{sample} {key}")
     pd.testing.assert_frame_equal(a.samples, b.samples)
-    skip = {"created", "command", "run_id"}
+    skip = {"created", "command", "run_id", "timing"}
     assert {k: v for k, v in a.manifest.items() if k not in skip} == \
         {k: v for k, v in b.manifest.items() if k not in skip}
 
@@ -182,6 +182,31 @@ def test_cos_capture_writes_an_archive_and_records_the_exact_command(tmp_path, c
     assert a.manifest["command"] == ["cos", *argv]
     assert a.samples["seed"].tolist() == [3] and a.steps["expert"].tolist()[0] == "transformer"
     assert a.manifest["model"]["boundary_ratio"] == 0.875
+
+
+def test_random_wan_source_builds_the_same_seeded_model_on_every_call(tmp_path, capsys, monkeypatch):
+    """`--model random:wan2.1-1.3b` (the multi-GPU benchmark's workload) with the architecture shrunk so it runs here:
+    a Wan pipeline without text encoder or VAE whose weights and prompt embeddings come from fixed seeds, so two
+    processes (two ranks) build the same model and write the same archive; seed ranges 'a:b' select the items."""
+    from cos_core import tiny_pipelines
+
+    small = dict(tiny_pipelines.WAN_1_3B_CONFIG, num_attention_heads=2, attention_head_dim=8, ffn_dim=32,
+                 num_layers=2, text_dim=32, freq_dim=16, rope_max_seq_len=32)
+    monkeypatch.setattr(tiny_pipelines, "WAN_1_3B_CONFIG", small)
+    base = ["capture", "--model", "random:wan2.1-1.3b", "--seeds", "0:2", "--height", "16", "--width", "16",
+            "--num-frames", "5", "--num-inference-steps", "2", "--reductions", "frame_mean", "--tensors", "x0_hat",
+            "--runs-dir", str(tmp_path)]
+    assert main([*base, "--run-id", "a"]) == 0 and main([*base, "--run-id", "b"]) == 0
+    a, b = Archive.open(tmp_path / "a"), Archive.open(tmp_path / "b")
+    assert_same_archive(a, b)
+    assert a.samples["sample_id"].tolist() == ["seed0", "seed1"] and a.manifest["model"]["pipeline_class"] == "WanPipeline"
+    assert a.manifest["model"]["transformer_config"]["num_layers"] == 2 and a.manifest["model"]["source"] == "random:wan2.1-1.3b"
+    assert a.manifest["timing"]["world_size"] == 1 and a.manifest["timing"]["captured_here"] == 2
+    assert not np.array_equal(a.read(0, "final"), a.read(1, "final"))
+    capsys.readouterr()
+    assert main([*base, "--model", "random:wan9"]) == 2
+    assert "random:wan9 is unknown" in capsys.readouterr().err
+    assert main([*base, "--seeds", "0:x"]) == 2
 
 
 def _dit_folder(root: Path) -> Path:
