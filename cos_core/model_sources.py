@@ -76,8 +76,10 @@ def organism_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype
     def score(item: WorkItem, final: np.ndarray) -> dict[str, Any]:
         inst = instances[item.instance]
         answer = task.extract(final)
+        outcomes = {f"label_outcome_{k}": float("nan") if v is None else int(v)
+                    for k, v in task.outcome_labels(answer).items()}
         return {"answer": json.dumps(answer, sort_keys=True, default=str),
-                **{f"score_{k}": float(v) for k, v in task.score(answer, inst).items()}}
+                **{f"score_{k}": float(v) for k, v in task.score(answer, inst).items()}, **outcomes}
 
     call = {"task": args.task, **_overrides(args)}
     call.setdefault("num_inference_steps", DEFAULT_STEPS)

@@ -211,3 +211,13 @@ def test_larger_canvas_works():
     inst = task.instance(5)
     assert inst.video.shape == (3, 12, 32, 32) and task.score(task.extract(inst.video), inst)["correct"] == 1.0
     assert len(inst.meta["paths"][0]) >= 10
+
+
+def test_outcome_label_names_the_goal_the_video_walked_to():
+    task = get_task("fork")
+    for seed in range(10**9, 10**9 + 5):
+        inst = task.instance(seed)
+        assert task.outcome_labels(task.extract(inst.video)) == {"goal": inst.meta["gt_goal"]}
+    blank = np.full(task.video_shape, -1.0, dtype=np.float32)
+    assert task.outcome_labels(task.extract(blank)) == {"goal": None}
+    assert get_task("maze").outcome_labels({"path": None}) == {}

@@ -146,3 +146,22 @@ def test_cuda_engine_matches_cpu():
     cpu = ProbeGrid(engine="torch", device="cpu").fit(x, {"y": y}, group)
     gpu = ProbeGrid(engine="torch", device="cuda").fit(torch.as_tensor(x, device="cuda"), {"y": y}, group)
     assert np.abs(cpu.accuracy_ - gpu.accuracy_).max() <= 0.01
+
+
+def test_outcome_labels_are_probed_on_the_samples_whose_answer_tells_them():
+    """`label_outcome_*` (read from the generated video, NaN where it does not tell) gets its own sample subset;
+    instance labels keep every sample; naming a label missing from some samples is refused."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cos_core.analysis.analyze import AnalyzeConfig, _label_subsets
+
+    table = pd.DataFrame({"sample": range(6), "task": "fork", "label_depth": [0, 1, 0, 1, 0, 1],
+                          "label_outcome_goal": [0, 1, np.nan, 1, 0, np.nan], "label_gap": [0, 1, 1, np.nan, 0, 1]})
+    archive = SimpleNamespace(samples=table, run_id="r")
+    subsets = _label_subsets(archive, AnalyzeConfig(), "fork", np.arange(6))
+    assert [(s.tolist(), names) for s, names in subsets] == [(list(range(6)), ["depth"]),
+                                                             ([0, 1, 3, 4], ["outcome_goal"])]
+    with pytest.raises(ValueError, match="gap"):
+        _label_subsets(archive, AnalyzeConfig(labels=("gap",)), "fork", np.arange(6))

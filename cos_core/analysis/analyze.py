@@ -76,30 +76,46 @@ def probe_grid(archive: Archive, config: AnalyzeConfig = AnalyzeConfig()) -> pd.
     tables = []
     for task in sorted(tasks.unique()):
         samples = table["sample"][tasks == task].to_numpy()
-        names = [n for n in (config.labels or label_names(archive)) if table[f"label_{n}"].iloc[samples].notna().all()]
-        if config.labels:
-            missing = sorted(set(config.labels) - set(names))
-            if missing:
-                raise ValueError(f"labels {missing} are missing for some samples of task {task!r} in {archive.run_id}")
-        if not names:
-            log.info("task %r: no labels to probe", task)
-            continue
-        labels = load_labels(archive, names, samples)
-        usable = {k: v for k, v in labels.items() if len(np.unique(v)) > 1}
-        for name in sorted(set(labels) - set(usable)):
-            log.warning("task %r label %r has one class in this run; not probed", task, name)
-        if not usable:
-            continue
-        groups = instance_groups(archive, samples)
-        for branch in branches:
-            x, cells = load_cells(archive, replace(spec, branch=branch), samples)
-            grid = ProbeGrid(**config.probe).fit(x, usable, groups)
-            cells = cells.assign(task=task, site=spec.site, reduction=spec.reduction, branch=branch, pool=spec.pool,
-                                 frames=json.dumps(list(spec.frames) if spec.frames else None))
-            tables.append(grid.table(cells))
+        for subset, names in _label_subsets(archive, config, task, samples):
+            labels = load_labels(archive, names, subset)
+            usable = {k: v for k, v in labels.items() if len(np.unique(v)) > 1}
+            for name in sorted(set(labels) - set(usable)):
+                log.warning("task %r label %r has one class in this run; not probed", task, name)
+            if not usable:
+                continue
+            groups = instance_groups(archive, subset)
+            for branch in branches:
+                x, cells = load_cells(archive, replace(spec, branch=branch), subset)
+                grid = ProbeGrid(**config.probe).fit(x, usable, groups)
+                cells = cells.assign(task=task, site=spec.site, reduction=spec.reduction, branch=branch,
+                                     pool=spec.pool, frames=json.dumps(list(spec.frames) if spec.frames else None))
+                tables.append(grid.table(cells))
     if not tables:
         raise ValueError(f"{archive.run_id}: no label has two classes in any task; nothing to probe")
     return pd.concat(tables, ignore_index=True)
+
+
+def _label_subsets(archive: Archive, config: AnalyzeConfig, task: str, samples: np.ndarray
+                   ) -> list[tuple[np.ndarray, list[str]]]:
+    """[(samples, label names)] to probe for one task: instance labels on every sample of the task; each outcome
+    label (`label_outcome_*`, read from the generated video) on the samples where the answer tells it."""
+    table = archive.samples
+    wanted = list(config.labels or label_names(archive))
+    known = [n for n in wanted if table[f"label_{n}"].iloc[samples].notna().all()]
+    outcome = [n for n in wanted if n.startswith("outcome_") and n not in known
+               and table[f"label_{n}"].iloc[samples].notna().any()]
+    if config.labels:
+        missing = sorted(set(config.labels) - set(known) - set(outcome))
+        if missing:
+            raise ValueError(f"labels {missing} are missing for some samples of task {task!r} in {archive.run_id}")
+    out = [(samples, known)] if known else []
+    for name in outcome:
+        told = samples[table[f"label_{name}"].iloc[samples].notna().to_numpy()]
+        log.info("task %r: outcome label %r told by %d of %d samples", task, name, len(told), len(samples))
+        out.append((told, [name]))
+    if not out:
+        log.info("task %r: no labels to probe", task)
+    return out
 
 
 def analyze_run(archive: Archive, which: Iterable[str] | None = None, config: AnalyzeConfig = AnalyzeConfig(), *,

@@ -154,6 +154,12 @@ class Task:
             raise ValueError(f"instance of task {inst.task!r} given to task {self.name!r}")
         return self._score(answer, inst)
 
+    def outcome_labels(self, answer: dict[str, Any]) -> dict[str, int | None]:
+        """Labels fixed by the generated answer rather than the instance (e.g. which of two valid goals the model
+        walked to; decided by the noise, not the first frame). None where the answer does not tell. Probing them
+        asks when and where the model's own decision becomes readable. Default: none."""
+        return {}
+
     def candidates(self, frames: Any, inst: Instance) -> np.ndarray:
         raise NotImplementedError(f"task {self.name!r} has no discrete candidates; only 'choice' and 'fork' do")
 

@@ -160,6 +160,11 @@ class ForkTask(MazeTask):
         goal = answer.get("goal")
         return best | {"goal": float(goal) if goal in (0, 1) else -1.0}
 
+    def outcome_labels(self, answer: dict[str, Any]) -> dict[str, int | None]:
+        """`goal`: which of the two goals (ordered by cell index) the video walked to; None when neither."""
+        goal = answer.get("goal")
+        return {"goal": int(goal) if goal in (0, 1) else None}
+
     def candidates(self, frames: Any, inst: Instance) -> np.ndarray:
         """Trace evidence per goal (2,) in [0, 1]: mean over the pixels only that goal's solution paints (its cells
         after the fork, goal cell excluded, and the wall gaps it walks through) of how far the last frame's
