@@ -1,4 +1,4 @@
-"""The `cos` command: `cos capture | train | analyze | ensemble | bench`, one subcommand module each.
+"""The `cos` command: `cos capture | train | analyze | intervene | ensemble`, one subcommand module each.
 
 Owns only dispatch and error reporting: a ValueError from the library (bad input) becomes a one-line message and
 exit code 2, never a traceback. Subcommand modules are imported lazily so `cos --help` is instant.
@@ -16,6 +16,10 @@ COMMANDS = {
     "capture": ("cos_core.capture_cli", "run a video diffusion pipeline with capture on and write an archive"),
     "train": ("cos_core.organism.train_cli", "train the small Wan-architecture organism on the reasoning tasks"),
     "analyze": ("cos_core.analyze_cli", "compute probe grids, step dynamics and memory tables into derived/"),
+    "intervene": ("cos_core.intervene_cli", "re-run an organism run with noise at a step/frame or a layer swapped; "
+                  "write intervention and CKA propagation tables into derived/"),
+    "ensemble": ("cos_core.ensemble_cli", "merge n seeds' latents during the first K steps and score the result "
+                 "against single seeds and the noise-mean control; write derived/ensemble"),
 }
 
 
