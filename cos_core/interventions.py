@@ -195,8 +195,8 @@ class BlockHooks:
                     raise ValueError(f"layer swap: the partner run has no {branch!r} branch output of layer {layer} "
                                      f"at step {step} (it ran {sorted(sources)})")
                 if tuple(source.shape) != tuple(hidden[row].shape):
-                    raise ValueError(f"layer swap needs equal token shapes: layer {layer} output {tuple(hidden[row].shape)}"
-                                     f" vs the partner's {tuple(source.shape)}")
+                    raise ValueError(f"layer swap needs equal token shapes: layer {layer} output "
+                                     f"{tuple(hidden[row].shape)} vs the partner's {tuple(source.shape)}")
                 hidden[row] = source.to(device=hidden.device, dtype=hidden.dtype)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
@@ -383,6 +383,7 @@ def config_record(config: InterventionConfig, replay: Replay, **extra: Any) -> s
     """The JSON stored as each table's `cos_config` parquet metadata."""
     from . import __version__
 
-    return json.dumps({"cos_version": __version__, "run_id": replay.archive.run_id, "config": dataclasses.asdict(config),
-                       "n_samples": len(replay.items), "instances": sorted({it.instance for it in replay.items}),
-                       "call": replay.call_kwargs, **extra}, sort_keys=True, default=str)
+    return json.dumps({"cos_version": __version__, "run_id": replay.archive.run_id,
+                       "config": dataclasses.asdict(config), "n_samples": len(replay.items),
+                       "instances": sorted({it.instance for it in replay.items}), "call": replay.call_kwargs,
+                       **extra}, sort_keys=True, default=str)
