@@ -140,7 +140,7 @@ class BlockHooks:
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}
         self.branch = "cond"
         self._handles: list[Any] = []
-        self._had_context = "cache_context" in vars(transformer)
+        self._own_context = vars(transformer).get("cache_context")  # an instance attribute someone set, if any
 
     def __enter__(self) -> "BlockHooks":
         try:
@@ -170,7 +170,9 @@ class BlockHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if not self._had_context and "cache_context" in vars(self.transformer):
+        if self._own_context is not None:
+            self.transformer.cache_context = self._own_context
+        elif "cache_context" in vars(self.transformer):
             del self.transformer.cache_context
 
     def _hook(self, layer: int) -> Callable:
