@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates cached_runs/: real archives of the shipped organism made by `cos capture`, analysed by `cos analyze`.
+# Regenerates cached_runs/: real archives of the shipped organism made by `cos capture`, analysed by `cos analyze`;
+# the fork and memory runs also get `cos intervene` tables and fork a `cos ensemble` table (100 held-out instances
+# x the run's seeds, more than the run ships, so their intervals are usable; ~3 minutes on one H100).
 # Every run's manifest records the exact command that made it. Sizes are chosen to ship (float16 storage,
 # activations every other step); for research-size runs raise --instances / --seeds and drop --steps.
 # Usage: bash scripts/make_cached_runs.sh [runs_dir]     (deletes and remakes the organism-* runs there)
@@ -19,4 +21,8 @@ make_run maze 6 0,1
 make_run memory 6 0,1
 make_run choice 6 0,1
 make_run fork 16 0,1
+$COS intervene --runs-dir "$RUNS" organism-fork --instances 100
+$COS intervene --runs-dir "$RUNS" organism-memory --instances 100
+# 4 steps instead of 16: the organism solves fork ~70 % of the time there, so merging seeds has room to help
+$COS ensemble --runs-dir "$RUNS" organism-fork --instances 100 --steps 4 --k 0,1,2,4 --n 1,2,4,8
 du -sh "$RUNS"
