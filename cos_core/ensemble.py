@@ -247,17 +247,24 @@ def sample_rows(config: EnsembleConfig, results: dict[Job, list[dict[str, Any]]]
 
 
 def summary_table(samples: pd.DataFrame, config: EnsembleConfig, task: str, steps: int) -> pd.DataFrame:
-    """The `ensemble` table: per (method, k, n) accuracy over instances with its instance-bootstrap interval."""
+    """The `ensemble` table: per (method, k, n) accuracy over instances with its instance-bootstrap interval, and
+    the paired gain over the plain model (`none`) on the same instances and bootstrap draws."""
     group, n_groups = encode_groups(samples["instance"].to_numpy())
     weights = bootstrap_weights(n_groups, config.n_boot, config.random_state)  # the same draws for every row
+    plain = samples[samples["method"] == BASELINE].set_index("instance")["correct"].astype(float)
     rows = []
     for (method, k, n), part in samples.groupby(["method", "k", "n"], sort=True):
-        acc, low, high = group_mean_ci(part["correct"].to_numpy(dtype=float), group[part.index], n_groups, weights)
+        correct = part["correct"].to_numpy(dtype=float)
+        acc, low, high = group_mean_ci(correct, group[part.index], n_groups, weights)
+        gain = correct - plain.loc[part["instance"]].to_numpy()
+        gain, gain_low, gain_high = group_mean_ci(gain, group[part.index], n_groups, weights)
+        agreement = part["agreement"]
         rows.append({"method": method, "k": int(k), "n": int(n), "accuracy": float(acc), "ci_low": float(low),
                      "ci_high": float(high), "n_instances": int(part["instance"].nunique()),
-                     "mean_score": float(part["score"].mean()),
-                     "member_agreement": float(part["agreement"].mean()) if part["agreement"].notna().any()
-                     else np.nan, "num_inference_steps": int(steps), "task": task})
+                     "gain": float(gain), "gain_ci_low": float(gain_low), "gain_ci_high": float(gain_high),
+                     "mean_score": float(part["score"].mean()), "unreadable": float(part["answer_key"].isna().mean()),
+                     "member_agreement": float(agreement.mean()) if agreement.notna().any() else np.nan,
+                     "num_inference_steps": int(steps), "task": task})
     return pd.DataFrame(rows)
 
 

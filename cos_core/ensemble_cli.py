@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
         command=["cos", *getattr(args, "_argv", ["ensemble", *sys.argv[1:]])],
         progress=lambda it: tqdm(list(it), desc=archive.run_id, unit="call", leave=False))
     base = table[table["method"] == "none"]["accuracy"]
+    best = table.sort_values("accuracy", ascending=False, kind="stable").iloc[0]
     print(json.dumps({"run": str(archive.path), "written": {TABLE: len(table), SAMPLES_TABLE: len(samples)},
                       "task": str(table["task"].iloc[0]), "steps": int(table["num_inference_steps"].iloc[0]),
                       "n_instances": int(table["n_instances"].max()),
                       "baseline_accuracy": float(base.iloc[0]) if len(base) else None,
-                      "best": table.sort_values("accuracy", ascending=False).iloc[0][["method", "k", "n", "accuracy"]]
-                      .to_dict()}, default=str))
+                      "best": {"method": str(best["method"]), "k": int(best["k"]), "n": int(best["n"]),
+                               "accuracy": float(best["accuracy"])}}))
     return 0

@@ -182,6 +182,9 @@ def test_sweep_tables_are_consistent_and_intervals_hold_the_accuracy(choice_repl
                     | {(m, k, n) for m in MERGES for k in (0, 1, 2) for n in (1, 2)})
     assert (table["n_instances"] == n_inst).all() and len(samples) == len(table) * n_inst
     assert ((table["ci_low"] <= table["accuracy"] + 1e-12) & (table["accuracy"] <= table["ci_high"] + 1e-12)).all()
+    assert ((table["gain_ci_low"] <= table["gain"] + 1e-12) & (table["gain"] <= table["gain_ci_high"] + 1e-12)).all()
+    none_acc = table.loc[table["method"] == "none", "accuracy"].item()
+    np.testing.assert_allclose(table["gain"], table["accuracy"] - none_acc, atol=1e-12)
     # the baseline is the archive's seed-0 samples, re-run
     seed0 = archive.samples[archive.samples["seed"] == 0]
     seed0 = seed0.set_index(seed0["instance"].astype(int))
@@ -244,7 +247,8 @@ def test_cli_writes_both_tables_and_refuses_bad_input_without_touching_them(orga
     assert summary["written"] == {"ensemble": 7, "ensemble_samples": 14} and summary["steps"] == 2
     table = pd.read_parquet(run / "derived" / "ensemble.parquet")
     assert list(table.columns[:7]) == ["method", "k", "n", "accuracy", "ci_low", "ci_high", "n_instances"]
-    assert {"mean_score", "member_agreement", "num_inference_steps", "task"} <= set(table.columns)
+    assert {"gain", "gain_ci_low", "gain_ci_high", "mean_score", "unreadable", "member_agreement",
+            "num_inference_steps", "task"} <= set(table.columns)
     samples = pd.read_parquet(run / "derived" / "ensemble_samples.parquet")
     assert {"instance", "method", "k", "n", "correct", "score", "answer_key"} <= set(samples.columns)
     from cos_core.tasks import TEST_SEEDS
@@ -255,8 +259,9 @@ def test_cli_writes_both_tables_and_refuses_bad_input_without_touching_them(orga
     assert record["config"]["steps"] == 2 and record["instances"] == [TEST_SEEDS[5], TEST_SEEDS[6]]
     before = {p.name: p.read_bytes() for p in (run / "derived").iterdir()}
 
-    bad_runs = {"--methods": "median", "--n": "0,2", "--k": "0,3"}
-    for flag, value in bad_runs.items():
+    bad_runs = [("--methods", "median"), ("--n", "0,2"), ("--k", "0,3"), ("--k", "1,x"), ("--first-instance", "3"),
+                ("--batch-size", "1")]
+    for flag, value in bad_runs:
         cli, args = cli_args(run, model_dir, "--steps", "2", flag, value)
         with pytest.raises(ValueError):
             cli.run(args)
