@@ -115,7 +115,7 @@ def merged_steps(scheduler: Any, method: str, k: int, n: int) -> Iterator[None]:
     previous = vars(scheduler).get("step")
     original = scheduler.step
 
-    def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
+    def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("per_token_timesteps") is not None:
             raise ValueError("the merge operators do not support per_token_timesteps")
         if scheduler.step_index is None:
