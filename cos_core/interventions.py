@@ -348,13 +348,14 @@ def _per_sample(replay: Replay, jobs: Sequence[Job], finals: Sequence[np.ndarray
 
 def mark_flips(table: pd.DataFrame) -> pd.DataFrame:
     """Add `flipped` (the answer differs from the sample's clean answer; unreadable counts as an answer) and
-    `adopted` (a readable answer equal to the layer-swap partner's clean answer) to a per-sample table whose "clean"
-    rows hold each sample's clean answer; noise_step rows get `step` = position."""
+    `adopted` (flipped, to a readable answer equal to the layer-swap partner's clean answer) to a per-sample table
+    whose "clean" rows hold each sample's clean answer; noise_step rows get `step` = position."""
     table = table.copy()
     clean = table[table["kind"] == "clean"].set_index("sample")["answer_key"]
     table["flipped"] = table["answer_key"].fillna("∅") != table["sample"].map(clean).fillna("∅")
     partner_key = table["partner"].map(clean)
-    table["adopted"] = (table["partner"] >= 0) & table["answer_key"].notna() & (table["answer_key"] == partner_key)
+    table["adopted"] = (table["partner"] >= 0) & table["flipped"] & table["answer_key"].notna() & \
+        (table["answer_key"] == partner_key)
     table.loc[table["kind"] == "noise_step", "step"] = table["position"]
     return table
 

@@ -107,8 +107,7 @@ def test_self_swap_flips_nothing_in_the_tables(replay, monkeypatch):
     summary = tables["interventions"]
     assert set(summary["kind"]) == {"layer_swap"} and (summary["value"] == 0).all()
     assert (summary["metric"] == "flip_rate").all()
-    swaps = tables["interventions_samples"].query("kind == 'layer_swap'")
-    assert summary["adopt_rate"].tolist() == [swaps["answer_key"].notna().mean()] * 2  # adopting its own answer
+    assert (summary["adopt_rate"] == 0).all()  # keeping its own answer is no adoption
 
 
 def test_flips_adoptions_and_the_summary_by_hand():
@@ -121,6 +120,8 @@ def test_flips_adoptions_and_the_summary_by_hand():
     rows = table[table["kind"] == "layer_swap"]
     assert rows["flipped"].tolist() == [False, True, True, True]  # 0 kept "a"; 3 became unreadable
     assert rows["adopted"].tolist() == [False, True, False, False]  # partners answered None, "a", "a", "b"
+    table.loc[4, "answer_key"] = None  # sample 0 now flips to unreadable; its partner's None is no adoption
+    assert mark_flips(table.drop(columns=["flipped", "adopted"]))["adopted"].tolist()[4:] == [False, True, False, False]
     summary = summarise(table, n_boot=200).iloc[0]
     assert summary["value"] == summary["flip_rate"] == 0.75 and summary["baseline"] == 0.75
     assert summary["n"] == 4 and summary["n_instances"] == 2 and summary["ci_low"] <= 0.75 <= summary["ci_high"]
