@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cos_core.archive import Archive  # noqa: E402
+from cos_core.archive import PROVENANCE_KEYS, Archive  # noqa: E402
 
 # NVLink multicast stays off (the lent machines require it; only gloo barriers are used here anyway)
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -50,7 +50,7 @@ def compare(a: Archive, b: Archive) -> dict:
             if not np.array_equal(x, y):
                 differing.append(f"{i}:{key}")
                 worst = max(worst, float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()))
-    skip = {"created", "command", "run_id", "timing"}
+    skip = PROVENANCE_KEYS
     same_manifest = ({k: v for k, v in a.manifest.items() if k not in skip}
                      == {k: v for k, v in b.manifest.items() if k not in skip})
     return {"equal": not differing and same_manifest and a.samples.equals(b.samples),

@@ -70,6 +70,11 @@ _REQUIRED_KEYS = ("schema_version", "complete", "run_id", "steps", "n_steps", "n
                   "tensors", "latent", "token_grid")
 
 
+# manifest keys that say when, how and how fast a run was made, not what it holds: two archives of the same work
+# items are "the same" when everything else (tensors, samples table, the rest of the manifest) is equal
+PROVENANCE_KEYS = frozenset({"created", "command", "run_id", "timing"})
+
+
 class ArchiveError(ValueError):
     """Every problem a reader can report: missing or malformed files, wrong schema, bad look-ups."""
 

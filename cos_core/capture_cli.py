@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default="organism",
                      help="'organism' (the shipped small model, default), 'tiny:<family>' (tiny random diffusers "
                           "pipeline: wan_t2v, wan_i2v, wan22, cogvideox, ltx, hunyuan), 'random:wan2.1-1.3b' "
-                          "(Wan2.1-1.3B architecture, random weights, 480x832x33: for benchmarks), or a local diffusers "
-                          "folder / hub id loaded with DiffusionPipeline.from_pretrained")
-    src.add_argument("--task", default="maze", help="organism task (maze, memory, choice); ignored for other models")
+                          "(Wan2.1-1.3B architecture, random weights, 480x832x33: for benchmarks), or a local "
+                          "diffusers folder / hub id loaded with DiffusionPipeline.from_pretrained")
+    src.add_argument("--task", default="maze", help="organism task (maze, memory, choice, fork); ignored for other models")
     src.add_argument("--instances", type=int, default=4, help="number of task instances (test seeds), default 4")
     src.add_argument("--first-instance", type=int, default=0, help="offset into the task's held-out seeds")
     src.add_argument("--seeds", default="0", help="noise seeds per instance: comma list and/or ranges "

@@ -117,7 +117,8 @@ def random_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, 
 
     name = args.model.split(":", 1)[1]
     if name not in RANDOM_MODELS:
-        raise ValueError(f"--model random:{name} is unknown; allowed: {', '.join('random:' + m for m in RANDOM_MODELS)}")
+        allowed = ", ".join(f"random:{m}" for m in RANDOM_MODELS)
+        raise ValueError(f"--model random:{name} is unknown; allowed: {allowed}")
     transformer = wan_1_3b_transformer(dtype, device=device)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
                                         num_train_timesteps=1000)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import PARTIAL_SUFFIX, Archive, ArchiveError, shard_name
+from cos_core.archive import PARTIAL_SUFFIX, PROVENANCE_KEYS, Archive, ArchiveError, shard_name
 from cos_core.capture import CaptureSpec
 from cos_core.capture_run import WorkItem, capture_run
 from cos_core.cli import build_parser, main
@@ -60,7 +60,7 @@ def assert_same_archive(a: Archive, b: Archive) -> None:
         for key in a.keys(sample):
             np.testing.assert_array_equal(a.read(sample, key), b.read(sample, key), err_msg=f"{sample} {key}")
     pd.testing.assert_frame_equal(a.samples, b.samples)
-    skip = {"created", "command", "run_id", "timing"}
+    skip = PROVENANCE_KEYS
     assert {k: v for k, v in a.manifest.items() if k not in skip} == \
         {k: v for k, v in b.manifest.items() if k not in skip}
 
@@ -199,8 +199,9 @@ def test_random_wan_source_builds_the_same_seeded_model_on_every_call(tmp_path, 
     assert main([*base, "--run-id", "a"]) == 0 and main([*base, "--run-id", "b"]) == 0
     a, b = Archive.open(tmp_path / "a"), Archive.open(tmp_path / "b")
     assert_same_archive(a, b)
-    assert a.samples["sample_id"].tolist() == ["seed0", "seed1"] and a.manifest["model"]["pipeline_class"] == "WanPipeline"
-    assert a.manifest["model"]["transformer_config"]["num_layers"] == 2 and a.manifest["model"]["source"] == "random:wan2.1-1.3b"
+    model = a.manifest["model"]
+    assert a.samples["sample_id"].tolist() == ["seed0", "seed1"] and model["pipeline_class"] == "WanPipeline"
+    assert model["transformer_config"]["num_layers"] == 2 and model["source"] == "random:wan2.1-1.3b"
     assert a.manifest["timing"]["world_size"] == 1 and a.manifest["timing"]["captured_here"] == 2
     assert not np.array_equal(a.read(0, "final"), a.read(1, "final"))
     capsys.readouterr()

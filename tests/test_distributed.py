@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import Archive
+from cos_core.archive import PROVENANCE_KEYS, Archive
 from cos_core.capture import CaptureSpec
 from cos_core.capture_run import WorkItem, capture_run
 from cos_core.distributed import Ranks
@@ -96,7 +96,7 @@ def assert_same_archive(a: Archive, b: Archive) -> None:
         for key in a.keys(i):
             np.testing.assert_array_equal(a.read(i, key), b.read(i, key), err_msg=key)
     assert a.samples.equals(b.samples)
-    skip = {"created", "run_id", "timing", "command"}
+    skip = PROVENANCE_KEYS
     assert {k: v for k, v in a.manifest.items() if k not in skip} == \
            {k: v for k, v in b.manifest.items() if k not in skip}
 

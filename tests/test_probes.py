@@ -158,7 +158,8 @@ def test_outcome_labels_are_probed_on_the_samples_whose_answer_tells_them():
     from cos_core.analysis.analyze import AnalyzeConfig, _label_subsets
 
     table = pd.DataFrame({"sample": range(6), "task": "fork", "label_depth": [0, 1, 0, 1, 0, 1],
-                          "label_outcome_goal": [0, 1, np.nan, 1, 0, np.nan], "label_gap": [0, 1, 1, np.nan, 0, 1]})
+                          "label_outcome_goal": [0, 1, np.nan, 1, 0, np.nan],
+                          "label_gap": [0, 1, 1, np.nan, 0, 1]})
     archive = SimpleNamespace(samples=table, run_id="r")
     subsets = _label_subsets(archive, AnalyzeConfig(), "fork", np.arange(6))
     assert [(s.tolist(), names) for s, names in subsets] == [(list(range(6)), ["depth"]),

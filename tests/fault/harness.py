@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cos_core.archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SHARD_DIR, Archive, ArchiveError,
-                              list_runs, shard_name)
+from cos_core.archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, PROVENANCE_KEYS, SAMPLES, SHARD_DIR, Archive,
+                              ArchiveError, list_runs, shard_name)
 from cos_core.archive_writer import FAULT_ENV, FAULT_POINTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,7 +206,7 @@ def same_archive(a: Archive, ref: Archive) -> list[str]:
             pd.testing.assert_frame_equal(a.samples, ref.samples)
         except AssertionError as err:
             out.append(f"{a.path.name}: samples table differs: {str(err)[:200]}")
-        skip = {"created", "command", "run_id"}
+        skip = PROVENANCE_KEYS
         if {k: v for k, v in a.manifest.items() if k not in skip} != \
                 {k: v for k, v in ref.manifest.items() if k not in skip}:
             out.append(f"{a.path.name}: manifest differs")
