@@ -391,6 +391,8 @@ def layer_swap_bars(table: pd.DataFrame) -> go.Figure:
 
 @_styled
 def propagation_matrix(table: pd.DataFrame) -> go.Figure:
+    if "layer" in table and (table["layer"] == -1).any():  # the mean over layers is its own row (layer -1)
+        table = table[table["layer"] == -1]
     grid = table.pivot_table(index="inject_step", columns="measure_step", values="dissimilarity", aggfunc="mean")
     fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Plasma",
                                colorbar=dict(title="1 - CKA"),
@@ -405,8 +407,11 @@ def propagation_matrix(table: pd.DataFrame) -> go.Figure:
 def ensemble_curves(table: pd.DataFrame) -> go.Figure:
     """Accuracy vs merge steps K, one line per (method, n), with confidence intervals when present."""
     fig = go.Figure()
+    ks = sorted(table["k"].unique())
     for (method, n), part in table.groupby(["method", "n"]):
         part = part.sort_values("k")
+        if len(part) == 1 and len(ks) > 1:  # no K to vary (the plain model, the noise-mean control): a level line
+            part = pd.concat([part] * len(ks), ignore_index=True).assign(k=ks)
         err = _ci(part, "accuracy", "ci_low", "ci_high")
         dash = "dash" if "noise" in str(method) or "control" in str(method) else "solid"
         fig.add_trace(go.Scatter(x=part["k"], y=part["accuracy"], error_y=err, mode="lines+markers",
