@@ -21,7 +21,7 @@ import torch
 
 from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 from .capture_run import WorkItem
-from .replay import ORGANISM_DIR, Replay
+from .replay import ORGANISM_DIR, Replay, held_out_instances
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,9 @@ def plan_jobs(config: EnsembleConfig) -> list[Job]:
 
 def instance_seeds(replay: Replay, config: EnsembleConfig) -> list[int]:
     """The task instances (instance seeds) measured: the archive's own, or held-out TEST_SEEDS[F:F+N]."""
-    from .tasks import TEST_SEEDS
-
     if config.instances is None:
         return list(dict.fromkeys(int(it.instance) for it in replay.items))
-    stop = config.first_instance + config.instances
-    if stop > len(TEST_SEEDS):
-        raise ValueError(f"instances {config.first_instance}..{stop} exceed the {len(TEST_SEEDS)} held-out seeds")
-    return list(TEST_SEEDS[config.first_instance:stop])
+    return held_out_instances(config.first_instance, config.instances)
 
 
 def member_items(replay: Replay, instances: Sequence[int], n: int, seed_base: int) -> list[WorkItem]:

@@ -22,7 +22,7 @@ import torch
 from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 from .capture_run import WorkItem
 from .propagation import MIN_SAMPLES, propagation_table
-from .replay import Replay
+from .replay import Replay, held_out_instances
 
 log = logging.getLogger(__name__)
 
@@ -261,14 +261,10 @@ def partners(items: Sequence[WorkItem]) -> list[int]:
 
 def with_instances(replay: Replay, first: int, n: int) -> Replay:
     """The replay on held-out task instances TEST_SEEDS[first:first + n], each with the archive's noise seeds."""
-    from .tasks import TEST_SEEDS
-
-    if n < 1 or first < 0:
-        raise ValueError(f"--instances {n} must be >= 1 and --first-instance {first} >= 0")
     seeds = list(dict.fromkeys(it.seed for it in replay.items))
     task = replay.task.name
-    items = [WorkItem(sample_id=f"{task}-{TEST_SEEDS[k]}-s{s}", seed=s, task=task, instance=str(TEST_SEEDS[k]))
-             for k in range(first, first + n) for s in seeds]
+    items = [WorkItem(sample_id=f"{task}-{inst}-s{s}", seed=s, task=task, instance=str(inst))
+             for inst in held_out_instances(first, n) for s in seeds]
     return dataclasses.replace(replay, items=items, instances={})
 
 

@@ -87,6 +87,17 @@ class Replay:
                 "answer_key": answer_key(self.task.name, answer)}
 
 
+def held_out_instances(first: int, n: int) -> list[int]:
+    """The task's held-out instance seeds TEST_SEEDS[first:first + n] (never seen in training), validated."""
+    from .tasks import TEST_SEEDS
+
+    if n < 1 or first < 0:
+        raise ValueError(f"--instances {n} must be >= 1 and --first-instance {first} >= 0")
+    if first + n > len(TEST_SEEDS):
+        raise ValueError(f"instances {first}..{first + n} exceed the {len(TEST_SEEDS)} held-out seeds")
+    return list(TEST_SEEDS[first:first + n])
+
+
 def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, model_dir: str | Path | None = None) -> Replay:
     """The pipeline and work items of an organism archive made by `cos capture --task ...`.
