@@ -2,7 +2,8 @@
 # The research-size measurements behind docs/findings.md: the organism on fork and memory, 200 held-out instances
 # x 2 noise seeds each (400 samples), captured, analysed (probes incl. the fork outcome label), intervened on and
 # ensembled. Too large to ship (~0.3 GB); its derived tables are copied to $OUT (default runs/research-tables) as
-# <run>.<table>.parquet, each table carrying its command in the parquet metadata. Made on one H100 in ~8 minutes.
+# <run>.<table>.parquet, each table carrying its command in the parquet metadata. On one H100 the fork capture +
+# analyze took 2.5 min (the part docs/findings.md §4 cites); the whole script has not been timed in one go.
 # Usage: bash scripts/research_runs.sh [runs_dir] [out_dir]        (COS=... as in make_cached_runs.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
