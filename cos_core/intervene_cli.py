@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--frames", default="", help="noise_frame positions (latent frames)")
     what.add_argument("--layers", default="", help="blocks whose output is swapped")
     what.add_argument("--swap-step", default="0", help="step(s) at which block outputs are swapped (default 0)")
+    what.add_argument("--swap", default="update", choices=["update", "output"],
+                      help="carry block L's residual update (output - input) from scene B into A (default), or its "
+                           "whole output (then every later block computes B's prediction, whatever L)")
     how = p.add_argument_group("noise")
     how.add_argument("--strength", type=float, default=1.0,
                      help="λ in x <- (1-λ)·x + λ·ε for the noise probes (default 1: pure noise)")
@@ -64,7 +67,8 @@ def _config(args: argparse.Namespace):
     if swap is None:
         raise ValueError("--swap-step must name at least one step, e.g. '0'")
     return InterventionConfig(which=which, steps=_ints(args.steps, "--steps"), frames=_ints(args.frames, "--frames"),
-                              layers=_ints(args.layers, "--layers"), swap_steps=swap, strength=args.strength,
+                              layers=_ints(args.layers, "--layers"), swap_steps=swap, swap=args.swap,
+                              strength=args.strength,
                               propagation_strength=args.propagation_strength, seed_base=args.seed_base,
                               batch_size=args.batch_size)
 

@@ -27,6 +27,7 @@ from .replay import Replay, held_out_instances
 log = logging.getLogger(__name__)
 
 KINDS = ("noise_step", "noise_frame", "propagation", "layer_swap")
+SWAP_MODES = ("update", "output")  # what a layer swap carries over: the block's residual update, or its whole output
 NOISE_KINDS = ("noise_step", "propagation")  # kinds that mix noise into the whole latent entering one step
 Progress = Callable[[Iterable], Iterable]
 
@@ -36,7 +37,9 @@ class InterventionConfig:
     """What `run_interventions` measures. `steps`/`frames`/`layers` None = every one the run has.
 
     steps: noise_step positions and propagation inject steps; frames: noise_frame positions; layers: blocks swapped;
-    swap_steps: the steps whose block output is swapped; strength λ in x <- (1-λ)·x + λ·ε (noise probes) and
+    swap_steps: the steps whose block output is swapped; swap: "update" carries block L's residual update
+    (output − input) of scene B into scene A (A's input + B's update), "output" its whole output — which makes every
+    later block compute B's prediction whenever the scene enters only through the input tokens; strength λ in x <- (1-λ)·x + λ·ε (noise probes) and
     propagation_strength λ for the propagation perturbation; seed_base: the noise ε's generators are seeded from it,
     the sample and the kind; batch_size: jobs per pipeline call; n_boot: bootstrap replicates over instances.
     """
@@ -46,6 +49,7 @@ class InterventionConfig:
     frames: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
     swap_steps: tuple[int, ...] = (0,)
+    swap: str = "update"
     strength: float = 1.0
     propagation_strength: float = 0.5
     seed_base: int = 0
@@ -56,6 +60,8 @@ class InterventionConfig:
         bad = [k for k in self.which if k not in KINDS]
         if bad or not self.which:
             raise ValueError(f"which={list(self.which)}: name one or more of {list(KINDS)}")
+        if self.swap not in SWAP_MODES:
+            raise ValueError(f"swap={self.swap!r} is not allowed; allowed: {', '.join(SWAP_MODES)}")
         for name in ("strength", "propagation_strength"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -128,13 +134,14 @@ class BlockHooks:
 
     means: record the cond branch's token-mean output of every block at every step -> `means` (B, step, layer, d);
     keep: {(layer, step)} whose full outputs are kept per branch -> `kept[(layer, step, branch)]` (B, tokens, d) CPU;
-    swaps: {(layer, step): [(row, {branch: (tokens, d) tensor})]} outputs replaced for those rows.
+    swaps: {(layer, step): [(row, {branch: (tokens, d) tensor})]} outputs replaced for those rows;
+    delta: keep and swap the block's residual update (output − input) instead: a swapped row becomes input + update.
     The step comes from `step()` (the pipeline's callback), the CFG branch from the transformer's cache_context.
     """
 
     def __init__(self, transformer: Any, step: Callable[[], int], n_steps: int, *, means: bool = False,
-                 keep: Iterable[tuple[int, int]] = (), swaps: dict | None = None):
-        self.transformer, self.step, self.n_steps = transformer, step, n_steps
+                 keep: Iterable[tuple[int, int]] = (), swaps: dict | None = None, delta: bool = False):
+        self.transformer, self.step, self.n_steps, self.delta = transformer, step, n_steps, delta
         self.want_means, self.keep, self.swaps = means, set(keep), swaps or {}
         self.means: torch.Tensor | None = None
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -185,8 +192,9 @@ class BlockHooks:
                     self.means = torch.zeros(hidden.shape[0], self.n_steps, n_layers, hidden.shape[-1],
                                              device=hidden.device)
                 self.means[:, step, layer] = hidden.float().mean(1)
+            carried = hidden - args[0] if self.delta else hidden  # the residual update, or the whole output
             if (layer, step) in self.keep:
-                self.kept[(layer, step, branch)] = hidden.detach().to("cpu", copy=True)
+                self.kept[(layer, step, branch)] = carried.detach().to("cpu", copy=True)
             rows = self.swaps.get((layer, step))
             if not rows:
                 return None
@@ -199,7 +207,8 @@ class BlockHooks:
                 if tuple(source.shape) != tuple(hidden[row].shape):
                     raise ValueError(f"layer swap needs equal token shapes: layer {layer} output "
                                      f"{tuple(hidden[row].shape)} vs the partner's {tuple(source.shape)}")
-                hidden[row] = source.to(device=hidden.device, dtype=hidden.dtype)
+                source = source.to(device=hidden.device, dtype=hidden.dtype)
+                hidden[row] = args[0][row] + source if self.delta else source
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
@@ -212,7 +221,7 @@ class BatchResult:
 
 
 def run_batch(replay: Replay, jobs: Sequence[Job], *, seed_base: int = 0, means: bool = False,
-              keep: Iterable[tuple[int, int]] = (), sources: dict | None = None,
+              keep: Iterable[tuple[int, int]] = (), sources: dict | None = None, delta: bool = False,
               observe: Callable[[int, torch.Tensor], None] | None = None) -> BatchResult:
     """Run `jobs` as one pipeline call. `sources[(sample, layer, step, branch)]` (tokens, d) feeds layer swaps;
     `observe(step, x0_hat)` sees each step's x̂0 (B, C, F, H, W) before the next step's noise is mixed in."""
@@ -238,7 +247,7 @@ def run_batch(replay: Replay, jobs: Sequence[Job], *, seed_base: int = 0, means:
         return {"latents": latents}
 
     with BlockHooks(replay.pipe.transformer, lambda: state["step"], n_steps, means=means, keep=keep,
-                    swaps=swaps) as hooks:
+                    swaps=swaps, delta=delta) as hooks:
         finals = replay.run([replay.items[j.sample] for j in jobs], latents=latents, callback=callback,
                             tensor_inputs=("latents", "x0_hat") if observe else ("latents",))
     acts = hooks.means.cpu().numpy() if hooks.means is not None else None
@@ -309,7 +318,7 @@ def run_interventions(replay: Replay, config: InterventionConfig = InterventionC
         clean = chunk[0].kind == "clean"
         record = want_means and any(j.kind in ("clean", "propagation") for j in chunk)
         out = run_batch(replay, chunk, seed_base=cfg.seed_base, means=record, keep=keep if clean else (),
-                        sources=sources)
+                        sources=sources, delta=cfg.swap == "update")
         for (layer, st, branch), tensor in out.kept.items():
             sources.update({(job.sample, layer, st, branch): tensor[row] for row, job in enumerate(chunk)})
         if out.means is not None:
@@ -321,7 +330,10 @@ def run_interventions(replay: Replay, config: InterventionConfig = InterventionC
     if any(k in cfg.which for k in ("noise_step", "noise_frame", "layer_swap")):
         scored = [(j, f) for j, f in zip(jobs, finals) if j.kind != "propagation"]
         tables["interventions_samples"] = _per_sample(replay, *zip(*scored))
-        tables["interventions"] = summarise(tables["interventions_samples"], n_boot=cfg.n_boot)
+        table = summarise(tables["interventions_samples"], n_boot=cfg.n_boot)
+        if not table.empty:
+            table["swap"] = np.where(table["kind"] == "layer_swap", cfg.swap, None)
+        tables["interventions"] = table
     if want_means:
         clean = np.stack([means[i] for i in range(n)])  # (sample, step, layer, d)
         perturbed = {s: np.stack([means[k] for k, j in enumerate(jobs) if j.kind == "propagation" and j.position == s])

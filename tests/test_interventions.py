@@ -101,6 +101,26 @@ def test_layer_swap_with_itself_changes_nothing_and_with_a_partner_changes_the_o
     assert np.abs(swapped.finals - clean.finals).max() > 1e-3
 
 
+@pytest.mark.parametrize("delta", [False, True])
+def test_whole_output_swaps_are_the_same_at_every_layer_and_update_swaps_are_not(replay, delta):
+    """Why `swap="update"` is the default: the organism's scene enters only through the input tokens, so carrying a
+    block's whole output from scene B makes every later block compute B's step, whichever layer was swapped; carrying
+    only its residual update (A's input + B's update) leaves the layers distinguishable, and a self-swap still
+    changes nothing."""
+    n, n_layers = len(replay.items), len(replay.pipe.transformer.blocks)
+    keep = [(layer, 0) for layer in range(n_layers)]
+    clean = run_batch(replay, [Job(i) for i in range(n)], keep=keep, delta=delta)
+    sources = {(i, layer, step, branch): t[i] for (layer, step, branch), t in clean.kept.items() for i in range(n)}
+    pair = partners(replay.items)
+    finals = [run_batch(replay, [Job(i, "layer_swap", layer, 0.0, 0, pair[i]) for i in range(n)], sources=sources,
+                        delta=delta).finals for layer in range(n_layers)]
+    spread = max(np.abs(f - finals[0]).max() for f in finals[1:])
+    assert (spread > 1e-3) if delta else (spread < 1e-5)
+    self_swap = run_batch(replay, [Job(i, "layer_swap", 0, 0.0, 0, i) for i in range(n)], sources=sources,
+                          delta=delta)
+    np.testing.assert_allclose(self_swap.finals, clean.finals, atol=1e-5)
+
+
 def test_self_swap_flips_nothing_in_the_tables(replay, monkeypatch):
     monkeypatch.setattr("cos_core.interventions.partners", lambda items: list(range(len(items))))
     tables = run_interventions(replay, InterventionConfig(which=("layer_swap",), n_boot=50))
