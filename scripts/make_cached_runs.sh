@@ -21,7 +21,7 @@ make_run maze 6 0,1
 make_run memory 6 0,1
 make_run choice 6 0,1
 make_run fork 16 0,1
-$COS intervene --runs-dir "$RUNS" organism-fork --instances 100
+$COS intervene --runs-dir "$RUNS" organism-fork --instances 100 --batch-size 512
 $COS intervene --runs-dir "$RUNS" organism-memory --instances 100 --batch-size 512
 # 4 steps instead of 16: the organism solves fork 70-80 % of the time there, so merging seeds has room to help
 $COS ensemble --runs-dir "$RUNS" organism-fork --instances 100 --steps 4 --k 0,1,2,4 --n 1,2,4,8 --batch-size 4096
