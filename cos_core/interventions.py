@@ -192,8 +192,8 @@ class BlockHooks:
                     self.means = torch.zeros(hidden.shape[0], self.n_steps, n_layers, hidden.shape[-1],
                                              device=hidden.device)
                 self.means[:, step, layer] = hidden.float().mean(1)
-            carried = hidden - args[0] if self.delta else hidden  # the residual update, or the whole output
-            if (layer, step) in self.keep:
+            if (layer, step) in self.keep:  # the residual update, or the whole output
+                carried = hidden - args[0] if self.delta else hidden
                 self.kept[(layer, step, branch)] = carried.detach().to("cpu", copy=True)
             rows = self.swaps.get((layer, step))
             if not rows:
