@@ -21,6 +21,7 @@ import torch
 
 from . import families as fam
 from .archive import BRANCHES, STEP_TENSORS, act_key, token_key
+from .context_parallel import gather_tokens
 from .reductions import DEFAULT, Reducer, check_reduction, reduced_shape
 from .selection import select
 
@@ -126,7 +127,7 @@ class Capturer:
                 self._patch(module, "cache_context", self._wrap_context(module.cache_context))
                 for layer, block in enumerate(fam.blocks(self.family, module)):
                     if layer in self._hooked:
-                        self._handles.append(block.register_forward_hook(self._block_hook(layer)))
+                        self._handles.append(block.register_forward_hook(self._block_hook(layer, module)))
             self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler.step))
         except BaseException:
             self._remove()
@@ -188,17 +189,17 @@ class Capturer:
         raise ValueError(f"cannot label CFG branches: a transformer call with batch {batch} in context {name!r} "
                          f"({self.family.name}); cos capture runs one video per pipeline call")
 
-    def _block_hook(self, layer: int) -> Callable:
+    def _block_hook(self, layer: int, expert: Any) -> Callable:
         def hook(module, args, output):
             step = self.s.step
             if (step not in self._act_pos or layer not in self._layer_pos) and (layer, step) not in self.token_pairs:
                 return
             hidden = output[0] if isinstance(output, tuple) else output  # (B, tokens, d)
+            hidden = gather_tokens(expert, hidden)  # context parallelism: this rank's shard → all tokens
             f, h, w = self.s.grid
             if hidden.shape[1] != f * h * w:
                 raise ValueError(f"block {layer} returned {hidden.shape[1]} tokens, expected {f * h * w} video "
-                                 f"tokens for grid {self.s.grid} ({self.family.name}); context parallelism, which "
-                                 "splits tokens across ranks, is not supported by capture yet")
+                                 f"tokens for grid {self.s.grid} ({self.family.name})")
             self.s.dim = int(hidden.shape[-1])
             for branch, i in self._branches(hidden.shape[0]):
                 if branch in self.spec.branches:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="diffusers model CPU offload (large models on one GPU); capture is unchanged")
     gen.add_argument("--device-map", default=None, help="diffusers device_map for from_pretrained, e.g. "
                      "'balanced' to spread a large pipeline over the visible GPUs (local/hub models only)")
+    gen.add_argument("--ulysses-degree", type=int, default=1,
+                     help="context parallelism under torchrun: split each video's tokens over this many ranks with "
+                          "Ulysses attention (diffusers' ContextParallelConfig; heads must divide by it)")
+    gen.add_argument("--ring-degree", type=int, default=1,
+                     help="context parallelism with ring attention over this many ranks (needs an attention backend "
+                          "that returns log-sum-exp, e.g. --attention-backend _native_cudnn or flash on GPUs)")
+    gen.add_argument("--attention-backend", default=None,
+                     help="diffusers attention backend for the transformer(s), e.g. native, _native_cudnn, flash")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default float32; bfloat16 for large models on GPU)")
     sel = p.add_argument_group("what to record")
@@ -104,26 +113,43 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .capture_run import capture_run
+    from .context_parallel import ContextParallel
+    from .context_parallel import enable as enable_context_parallel
     from .distributed import from_env
+    from .families import experts
     from .model_sources import load_source
 
-    ranks = from_env()  # one process, or this rank of a torchrun / accelerate launch job
-    device = args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
+    cp = ContextParallel(ring=args.ring_degree, ulysses=args.ulysses_degree)
+    cp.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+    if cp.enabled and (args.cpu_offload or args.device_map):
+        raise ValueError("context parallelism (--ring-degree/--ulysses-degree) places the whole model on each rank's "
+                         "device: drop --cpu-offload/--device-map")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    # one process, or this rank of a torchrun / accelerate launch job
+    ranks = from_env(cp.size, cuda=torch.device(device).type == "cuda")
     spec = _spec(args)
     seeds = _seeds(args.seeds)
     source = load_source(args, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
+    if cp.enabled:
+        enable_context_parallel(source.pipe, cp, ranks.world, attention_backend=args.attention_backend)
+    elif args.attention_backend:
+        for _, module in experts(source.pipe):
+            module.set_attention_backend(args.attention_backend)
     run_id = args.run_id or source.default_run_id
     runs_dir = args.runs_dir
     if ranks.is_main:
+        groups = f" in groups of {cp.size} (context parallel)" if cp.enabled else ""
         print(f"capturing {len(source.items)} samples of {source.label} into {runs_dir / run_id}"
-              + (f" with {ranks.world} ranks" if ranks.world > 1 else ""), file=sys.stderr)
+              + (f" with {ranks.world} ranks{groups}" if ranks.world > 1 else ""), file=sys.stderr)
     path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
                        call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
                        decode_steps=args.decode_steps, score=source.score,
                        command=["cos", *getattr(args, "_argv", sys.argv[1:])],
                        extra=source.extra, ranks=ranks,
                        progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
-                                                else "samples", unit="sample", position=ranks.rank))
+                                                else "samples", unit="sample", position=ranks.rank,
+                                                disable=not ranks.writes))
     if ranks.is_main:
         print(json.dumps({"run": str(path)}))
     return 0

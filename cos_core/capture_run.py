@@ -106,7 +106,8 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     """Capture every item into `runs_dir/run_id` and publish the archive; returns its path.
 
     Under torchrun each rank captures its share of the items (`Ranks.share`) into the same run directory and
-    rank 0 publishes once all have finished; the archive is the same as a single process would write."""
+    rank 0 publishes once all have finished; the archive is the same as a single process would write. With
+    context parallelism the ranks of a group run the same items and the group's first rank writes them."""
     ranks = ranks or from_env()
     if not items:
         raise ValueError("no work items: nothing to capture")
@@ -155,6 +156,8 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
                 _decode(pipe, capturer.family, tensors, decode_pos)
             layout["decoded"] = ({"steps": config["decode_steps"], "shape": list(tensors["decoded/final"].shape)}
                                  if decode else None)
+            if not ranks.writes:
+                continue  # another rank of this context-parallel group holds the same video and writes it
             row = item.row()
             if score is not None:
                 row.update(score(item, tensors["final"]))
@@ -163,7 +166,7 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     if ranks.is_main:
         # wall time of the capture phase, all ranks together (from the configuration barrier to the last shard)
         timing = {"capture_s": round(time.perf_counter() - started, 3), "world_size": ranks.world,
-                  "captured_here": len(items) - len(done)}
+                  "context_parallel": ranks.cp, "captured_here": len(items) - len(done)}
         manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timing": timing,
                     "command": command if command is not None else sys.argv, "config": config,
                     "versions": versions(), "model": info}

@@ -36,6 +36,21 @@ def test_bad_rank_is_refused():
         Ranks(3, 2)
 
 
+def test_context_parallel_groups_share_items_and_one_rank_writes():
+    ranks = [Ranks(r, 6, cp=2) for r in range(6)]
+    assert [r.share(5) for r in ranks] == [[0, 3], [0, 3], [1, 4], [1, 4], [2], [2]]
+    assert [r.writes for r in ranks] == [True, False, True, False, True, False]
+    with pytest.raises(ValueError, match="do not divide world size 3"):
+        Ranks(0, 3, cp=2)
+
+
+def test_context_parallel_needs_a_matching_world(capsys):
+    from cos_core.cli import main
+
+    assert main(["capture", "--model", "tiny:wan_t2v", "--ulysses-degree", "2", "--device", "cpu"]) == 2
+    assert "multiple of 2" in capsys.readouterr().err
+
+
 @dataclass(frozen=True)
 class ThreadRanks(Ranks):
     """A rank whose barrier is a threading.Barrier shared by the simulated ranks."""
@@ -181,3 +196,27 @@ def test_real_torchrun_three_processes_capture_the_organism_like_one(tmp_path):
     assert multi.manifest["timing"]["world_size"] == 3 and multi.n_samples == 4
     assert "score_correct" in multi.samples
     assert_same_archive(multi, ref)
+
+
+@pytest.mark.slow
+def test_real_torchrun_context_parallel_groups_capture_like_one_process(tmp_path):
+    """Four ranks on gloo as two data-parallel groups of two context-parallel ranks (diffusers' Ulysses attention
+    splits every video's tokens in half): block outputs are gathered before capture, so the archive equals one
+    process's, full tokens included, and each sample is written once."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = ["capture", "--model", "tiny:wan_t2v", "--seeds", "0:3", "--runs-dir", str(tmp_path), "--tokens", "1:2",
+            "--device", "cpu"]
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=4", "--no-python", sys.executable, "-m",
+                           "cos_core.cli", *args, "--run-id", "cp", "--ulysses-degree", "2"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "cos_core.cli", *args, "--run-id", "ref"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cp, ref = Archive.open(tmp_path / "cp"), Archive.open(tmp_path / "ref")
+    assert cp.manifest["timing"]["context_parallel"] == 2 and cp.manifest["timing"]["world_size"] == 4
+    assert cp.read(0, "tokens/block_out/L1/S2/cond").shape == ref.read(0, "tokens/block_out/L1/S2/cond").shape
+    assert_same_archive(cp, ref)
