@@ -85,8 +85,12 @@ class Capturer:
     `callback_on_step_end=cap.callback()` and `callback_on_step_end_tensor_inputs=["latents"]`, then
     `tensors, layout = cap.end_sample()`."""
 
-    def __init__(self, pipe: Any, spec: CaptureSpec, n_steps: int | None = None):
-        self.pipe, self.spec = pipe, spec
+    def __init__(self, pipe: Any, spec: CaptureSpec, n_steps: int | None = None, members: int = 1):
+        """`members`: videos per pipeline call, of which the first is recorded (a latent ensemble runs its n
+        members in one call; see `cos_core.ensemble`)."""
+        if members < 1:
+            raise ValueError(f"members must be >= 1, got {members}")
+        self.pipe, self.spec, self.members = pipe, spec, members
         self.family = fam.family_of(pipe)
         self.rule = fam.x0_rule(pipe.scheduler)
         self.experts = fam.experts(pipe)
@@ -153,6 +157,10 @@ class Capturer:
                 delattr(obj, attr)
         self._patched.clear()
 
+    @property
+    def _videos(self) -> str:
+        return "one video" if self.members == 1 else f"{self.members} videos (an ensemble's members)"
+
     # ---- hooks -----------------------------------------------------------------------------------------------
     def _pre_hook(self, expert: str) -> Callable:
         def hook(module, args, kwargs):
@@ -178,16 +186,16 @@ class Capturer:
 
     def _branches(self, batch: int) -> list[tuple[str, int]]:
         """[(branch, batch index)] for one transformer call, from the family's CFG layout."""
-        name = self.s.context
+        name, m = self.s.context, self.members
         if self.family.batched_cfg:
-            if batch == 2:
-                return [("uncond", 0), ("cond", 1)]
-            if batch == 1:
+            if batch == 2 * m:
+                return [("uncond", 0), ("cond", m)]
+            if batch == m:
                 return [("cond", 0)]
-        elif batch == 1 and name in ("cond", "uncond"):
+        elif batch == m and name in ("cond", "uncond"):
             return [(name, 0)]
         raise ValueError(f"cannot label CFG branches: a transformer call with batch {batch} in context {name!r} "
-                         f"({self.family.name}); cos capture runs one video per pipeline call")
+                         f"({self.family.name}); cos capture runs {self._videos} per pipeline call")
 
     def _block_hook(self, layer: int, expert: Any) -> Callable:
         def hook(module, args, output):
@@ -246,8 +254,8 @@ class Capturer:
     def _record_step(self, model_output: torch.Tensor, t: Any, sample: torch.Tensor) -> None:
         scheduler, step = self.pipe.scheduler, self.s.step
         self._resolve_steps(len(scheduler.timesteps))
-        if sample.shape[0] != 1:
-            raise ValueError(f"cos capture runs one video per pipeline call; got a batch of {sample.shape[0]}")
+        if sample.shape[0] != self.members:
+            raise ValueError(f"cos capture runs {self._videos} per pipeline call; got a batch of {sample.shape[0]}")
         self.s.pending = {"step": step, "t": float(t), "sigma": fam.sigma_of(scheduler, self.rule, step, t),
                           "expert": self.s.expert}
         if step in self._tensor_pos:

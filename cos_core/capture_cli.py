@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "'a:b' (b excluded), default '0'")
     src.add_argument("--vbvr", type=Path, help="VBVR-Bench style folder (first_frame.png, prompt.txt, "
                                                   "ground_truth.mp4 per sample) as input source")
+    src.add_argument("--ensemble", metavar="METHOD:K:N", default=None,
+                     help="organism only: run each work item as a latent ensemble of N seeds (seed, seed+1, ...) "
+                          "merged during the first K steps by METHOD (mean_x_t, mean_v_hat, mean_x0_hat), and "
+                          "capture member 0, e.g. mean_x0_hat:4:4. Compare it with the plain run of the same seeds")
     src.add_argument("--prompt", action="append", help="text prompt (repeatable) for models with a text encoder")
     gen = p.add_argument_group("generation")
     gen.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the model's)")
@@ -142,14 +146,15 @@ def run(args: argparse.Namespace) -> int:
         groups = f" in groups of {cp.size} (context parallel)" if cp.enabled else ""
         print(f"capturing {len(source.items)} samples of {source.label} into {runs_dir / run_id}"
               + (f" with {ranks.world} ranks{groups}" if ranks.world > 1 else ""), file=sys.stderr)
-    path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
-                       call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
-                       decode_steps=args.decode_steps, score=source.score,
-                       command=["cos", *getattr(args, "_argv", sys.argv[1:])],
-                       extra=source.extra, ranks=ranks,
-                       progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
-                                                else "samples", unit="sample", position=ranks.rank,
-                                                disable=not ranks.writes))
+    with source.around():
+        path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
+                           call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
+                           decode_steps=args.decode_steps, score=source.score,
+                           command=["cos", *getattr(args, "_argv", sys.argv[1:])],
+                           extra=source.extra, ranks=ranks, members=source.members,
+                           progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
+                                                    else "samples", unit="sample", position=ranks.rank,
+                                                    disable=not ranks.writes))
     if ranks.is_main:
         print(json.dumps({"run": str(path)}))
     return 0

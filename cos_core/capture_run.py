@@ -102,12 +102,14 @@ def _decode(pipe: Any, family: fam.Family, tensors: dict[str, np.ndarray], posit
 def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir: str | Path, run_id: str,
                 call_kwargs: dict[str, Any], source: str, decode_steps: Any = None, decode: bool = False,
                 score: Scorer | None = None, command: list[str] | None = None, extra: dict | None = None,
-                progress: Callable[[Iterable], Iterable] = lambda it: it, ranks: Ranks | None = None) -> Path:
+                progress: Callable[[Iterable], Iterable] = lambda it: it, ranks: Ranks | None = None,
+                members: int = 1) -> Path:
     """Capture every item into `runs_dir/run_id` and publish the archive; returns its path.
 
     Under torchrun each rank captures its share of the items (`Ranks.share`) into the same run directory and
     rank 0 publishes once all have finished; the archive is the same as a single process would write. With
-    context parallelism the ranks of a group run the same items and the group's first rank writes them."""
+    context parallelism the ranks of a group run the same items and the group's first rank writes them.
+    `members` > 1: each pipeline call generates that many videos (a latent ensemble) and the first is recorded."""
     ranks = ranks or from_env()
     if not items:
         raise ValueError("no work items: nothing to capture")
@@ -117,7 +119,7 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     n_steps = call_kwargs.get("num_inference_steps")
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"call_kwargs needs num_inference_steps as a positive int, got {n_steps!r}")
-    capturer = Capturer(pipe, spec, n_steps=n_steps)  # validates layers/steps before anything is written
+    capturer = Capturer(pipe, spec, n_steps=n_steps, members=members)  # validates layers/steps before anything is written
     decode_pos: list[int] = []
     if decode:
         if "x0_hat" not in spec.tensors:

@@ -9,10 +9,12 @@ and diffusers; never streamlit.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -31,6 +33,26 @@ class Source:
     default_run_id: str
     score: Callable[[WorkItem, np.ndarray], dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    members: int = 1  # videos per pipeline call (a latent ensemble's n), of which the first is captured
+    around: Callable[[], ContextManager] = contextlib.nullcontext  # entered around the capture (ensemble merging)
+
+
+def parse_ensemble(text: str | None) -> tuple[str, int, int] | None:
+    """'METHOD:K:N' (e.g. 'mean_x0_hat:4:4') -> (method, k, n); None stays None."""
+    if text is None:
+        return None
+    from .ensemble import MERGES
+
+    parts = text.split(":")
+    try:
+        method, k, n = parts[0], int(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"--ensemble {text!r} must be METHOD:K:N, e.g. mean_x0_hat:4:4") from None
+    if method not in MERGES or k < 0 or n < 1:
+        raise ValueError(f"--ensemble {text!r}: METHOD one of {', '.join(MERGES)}, K >= 0 merged steps, N >= 1 seeds")
+    return method, k, n
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,6 +65,8 @@ def load_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, se
         raise ValueError("--seeds selects no seed")
     if args.model == "organism":
         return organism_source(args, device=device, dtype=dtype, seeds=seeds)
+    if getattr(args, "ensemble", None):
+        raise ValueError("--ensemble runs the organism (its flow-matching scheduler and scored tasks); drop --model")
     if args.model.startswith("tiny:"):
         return tiny_source(args, device=device, dtype=dtype, seeds=seeds)
     if args.model.startswith("random:"):
@@ -62,15 +86,20 @@ def organism_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype
     if args.instances < 1:
         raise ValueError(f"--instances must be ≥ 1, got {args.instances}")
     task = get_task(args.task)
+    ensemble = parse_ensemble(getattr(args, "ensemble", None))
+    members = ensemble[2] if ensemble else 1
     pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
     items = []
     for k in range(args.first_instance, args.first_instance + args.instances):
         inst = task.instance(TEST_SEEDS[k])
         frame = torch.from_numpy(inst.first_frame).to(device=device, dtype=dtype)
         for seed in seeds:
+            kwargs = {"first_frame": frame}
+            if ensemble:  # member m starts from seed + m's noise (member 0: the plain run of this seed)
+                kwargs = {"first_frame": frame.expand(members, -1, -1, -1),
+                          "latents": pipe.seed_noise(range(seed, seed + members))}
             items.append(WorkItem(sample_id=f"{args.task}-{inst.seed}-s{seed}", seed=seed, task=args.task,
-                                  instance=str(inst.seed), prompt=inst.prompt, labels=inst.labels,
-                                  kwargs={"first_frame": frame}))
+                                  instance=str(inst.seed), prompt=inst.prompt, labels=inst.labels, kwargs=kwargs))
     instances = {it.instance: task.instance(int(it.instance)) for it in items}
 
     def score(item: WorkItem, final: np.ndarray) -> dict[str, Any]:
@@ -83,9 +112,22 @@ def organism_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype
 
     call = {"task": args.task, **_overrides(args)}
     call.setdefault("num_inference_steps", DEFAULT_STEPS)
-    return Source(pipe, call, items, label=f"organism:{model_dir.name}",
-                  default_run_id=f"organism-{args.task}-{len(items)}x{call['num_inference_steps']}", score=score,
-                  extra={"task": args.task, "task_params": {}, "model_dir": str(model_dir)})
+    steps = call["num_inference_steps"]
+    run_id = f"organism-{args.task}-{len(items)}x{steps}"
+    extra = {"task": args.task, "task_params": {}, "model_dir": str(model_dir)}
+    around: Callable[[], ContextManager] = contextlib.nullcontext
+    if ensemble:
+        from .ensemble import merged_steps
+
+        method, k, n = ensemble
+        if k > steps:
+            raise ValueError(f"--ensemble {method}:{k}:{n} merges {k} steps of only {steps}")
+        extra["ensemble"] = {"method": method, "k": k, "n": n, "captured_member": 0,
+                             "member_seeds": "seed + m for member m = 0..n-1"}
+        run_id = f"organism-{args.task}-{method}-k{k}-n{n}-{len(items)}x{steps}"
+        around = functools.partial(merged_steps, pipe.scheduler, method, k, n)
+    return Source(pipe, call, items, label=f"organism:{model_dir.name}", default_run_id=run_id, score=score,
+                  extra=extra, members=members, around=around)
 
 
 def tiny_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:

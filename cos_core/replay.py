@@ -52,15 +52,9 @@ class Replay:
         frames = np.stack([self.instance(it).first_frame for it in items])
         return torch.from_numpy(frames).to(self.device)
 
-    def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
-        """One generator per seed, on the device `cos capture` samples on: a batch draws each item's own noise."""
-        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """(B, 3, F, H, W) float32: the initial noise each seed gives in `cos capture` (per-item generator)."""
-        shape = (1, *self.pipe.config.video_shape)
-        return torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
-                          for g in self.generators(seeds)])
+        return self.pipe.seed_noise(seeds)
 
     def run(self, items: Sequence[WorkItem], *, latents: torch.Tensor | None = None,
             callback: Callback | None = None, tensor_inputs: Sequence[str] = ("latents",),

@@ -274,3 +274,61 @@ def test_cli_writes_both_tables_and_refuses_bad_input_without_touching_them(orga
     with pytest.raises(ValueError, match="organism"):
         cli.run(args)
     assert {p.name: p.read_bytes() for p in (run / "derived").iterdir()} == before
+
+
+# ---- `cos capture --ensemble`: an ensemble's member 0 captured as an archive ------------------------------------
+def _ensemble_capture(organism_run, tmp_path, ensemble: str | None, instances: int = 2):
+    from cos_core.archive import Archive
+    from cos_core.capture import CaptureSpec
+    from cos_core.capture_run import capture_run
+    from cos_core.model_sources import organism_source
+
+    _, model_dir = organism_run()
+    args = argparse.Namespace(task="fork", instances=instances, first_instance=0, num_inference_steps=4,
+                              ensemble=ensemble)
+    src = organism_source(args, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    spec = CaptureSpec(reductions=("frame_mean",), tensors=("x_t", "x0_hat"), tokens=((1, 2),))
+    with src.around():
+        path = capture_run(src.pipe, src.items, spec, runs_dir=tmp_path, run_id=src.default_run_id,
+                           call_kwargs=src.call_kwargs, source=src.label, score=src.score, extra=src.extra,
+                           members=src.members, command=["cos", "capture"])
+    return Archive.open(path)
+
+
+def test_an_ensemble_of_one_captures_exactly_the_plain_run(organism_run, tmp_path):
+    plain = _ensemble_capture(organism_run, tmp_path, None)
+    alone = _ensemble_capture(organism_run, tmp_path, "mean_x_t:2:1")
+    assert alone.manifest["config"]["ensemble"]["n"] == 1 and "ensemble" not in plain.manifest["config"]
+    for i in range(plain.n_samples):
+        for key in plain.keys(i):
+            np.testing.assert_array_equal(alone.read(i, key), plain.read(i, key), err_msg=key)
+
+
+@pytest.mark.parametrize("method", MERGES)
+def test_the_captured_member_is_the_ensembles_member_zero(organism_run, tmp_path, replay, method):
+    archive = _ensemble_capture(organism_run, tmp_path, f"{method}:2:3")
+    instances = [int(i) for i in archive.samples["instance"]]
+    items = member_items(replay, instances, 3, seed_base=0)
+    with merged_steps(replay.pipe.scheduler, method, k=2, n=3):
+        final, trace = step_trace(replay, items, replay.noise([it.seed for it in items]))
+    for j in range(len(instances)):
+        np.testing.assert_allclose(archive.read(j, "final"), final[3 * j], atol=ATOL)
+        # x_t recorded at step s is the latent entering it: the merged latent after step s - 1
+        np.testing.assert_allclose(archive.read(j, "x_t")[1:], trace[:-1, 3 * j].numpy(), atol=ATOL)
+        assert archive.read(j, "tokens/block_out/L1/S2/cond").ndim == 4
+    plain = _ensemble_capture(organism_run, tmp_path / "plain", None)
+    assert np.abs(archive.read(0, "x_t")[2] - plain.read(0, "x_t")[2]).max() > 1e-3, "merging changed nothing"
+    scored = [replay.score(it, final[3 * j]) for j, it in enumerate(items[::3])]
+    assert list(archive.samples["score_correct"].astype(bool)) == [s["correct"] for s in scored]
+
+
+def test_capture_refuses_a_bad_ensemble(capsys):
+    from cos_core.cli import main
+
+    for flag, message in (("mean_x_t:2", "must be METHOD:K:N"), ("median:2:2", "METHOD one of"),
+                          ("mean_x_t:9:2", "merges 9 steps of only 4")):
+        assert main(["capture", "--task", "fork", "--num-inference-steps", "4", "--ensemble", flag,
+                     "--device", "cpu", "--runs-dir", "/nonexistent/runs"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["capture", "--model", "tiny:wan_t2v", "--ensemble", "mean_x_t:1:2", "--device", "cpu"]) == 2
+    assert "drop --model" in capsys.readouterr().err

@@ -108,6 +108,14 @@ class OrganismPipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    def seed_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """(B, 3, F, H, W) float32: the initial noise a call with `generator` seeded `s` draws, for each seed s (one
+        generator per seed on the execution device), so a batch of seeds starts exactly like separate calls."""
+        device = self._execution_device
+        shape = (1, *self.config.video_shape)
+        return torch.cat([torch.randn(shape, generator=torch.Generator(device=device).manual_seed(int(s)),
+                                      device=device, dtype=torch.float32) for s in seeds])
+
     def task_ids(self, task: str | int | Sequence[str | int], batch_size: int) -> torch.Tensor:
         """Task name(s) or id(s) -> (batch_size,) int64 ids, validated against the config's task names."""
         names = list(self.config.task_names)
