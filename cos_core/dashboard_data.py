@@ -86,17 +86,44 @@ def run_facts(archive: Archive) -> dict[str, Any]:
     model = m.get("model") or {}
     config = m.get("config") or {}
     command = m.get("command")
+    ens = config.get("ensemble")
     return {"run": archive.run_id, "model": model.get("source") or model.get("pipeline_class", "?"),
             "family": model.get("family", "?"), "task": config.get("task") or "-", "steps": archive.n_steps,
-            "samples": archive.n_samples, "created": m.get("created", "?"),
+            "samples": archive.n_samples,
+            "ensemble": f"{ens['method']}, K={ens['k']}, n={ens['n']} (member 0)" if isinstance(ens, dict) else "-",
+            "created": m.get("created", "?"),
             "command": shlex.join(command) if isinstance(command, list) else str(command or "?")}
 
 
 def runs_table(archives: list[Archive], sizes: dict[str, int]) -> pd.DataFrame:
     rows = [{**run_facts(a), "size": human_size(sizes.get(a.run_id, 0)), "bytes": sizes.get(a.run_id, 0)}
             for a in archives]
-    cols = ["run", "model", "family", "task", "steps", "samples", "size", "bytes", "created", "command"]
+    cols = ["run", "model", "family", "task", "steps", "samples", "ensemble", "size", "bytes", "created", "command"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """The samples two runs share (same `sample_id`: same task instance and seed), with each run's answer and
+    correctness side by side; `changed` marks a different answer. Empty when they share none or are unscored."""
+    cols = ["sample_id", "instance", "seed", "answer_a", "answer_b", "correct_a", "correct_b", "changed"]
+    need = {"sample_id", "answer", "score_correct"}
+    if not (need <= set(a.columns) and need <= set(b.columns)):
+        return pd.DataFrame(columns=cols)
+    keep = ["sample_id", "instance", "seed", "answer", "score_correct"]
+    both = a[keep].merge(b[["sample_id", "answer", "score_correct"]], on="sample_id", suffixes=("_a", "_b"))
+    both = both.rename(columns={"score_correct_a": "correct_a", "score_correct_b": "correct_b"})
+    both[["correct_a", "correct_b"]] = both[["correct_a", "correct_b"]].astype(float) >= 0.5
+    both["changed"] = both["answer_a"] != both["answer_b"]
+    return both[cols].reset_index(drop=True)
+
+
+def outcome_counts(paired: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy of each run on the shared samples and how correctness moved from A to B."""
+    a, b = paired["correct_a"].astype(bool), paired["correct_b"].astype(bool)
+    n = len(paired)
+    return {"shared samples": n, "accuracy A": float(a.mean()) if n else float("nan"),
+            "accuracy B": float(b.mean()) if n else float("nan"), "fixed by B": int((~a & b).sum()),
+            "broken by B": int((a & ~b).sum()), "answer changed": int(paired["changed"].sum())}
 
 
 def shard_problems(archive: Archive) -> dict[int, str]:

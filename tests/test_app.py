@@ -32,7 +32,7 @@ ANALYSIS = {"probes": "probe_grid", "self_correction": "events", "working_memory
 
 
 # ---- archives --------------------------------------------------------------------------------------------------
-def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0) -> Archive:
+def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0, ensemble: str | None = None) -> Archive:
     import argparse
 
     import torch
@@ -45,13 +45,15 @@ def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0) ->
     if not (model_dir / "model_index.json").is_file():
         torch.manual_seed(0)
         build_pipeline("tiny").save_pretrained(model_dir)
-    args = argparse.Namespace(task=task, instances=2, first_instance=first, num_inference_steps=4)
+    args = argparse.Namespace(task=task, instances=2, first_instance=first, num_inference_steps=4, ensemble=ensemble)
     src = organism_source(args, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
     spec = CaptureSpec(reductions=("frame_mean", "token_norm"), steps="0:4:2", store_dtype="float16")  # as shipped
-    return Archive.open(capture_run(src.pipe, src.items, spec,
-                                    runs_dir=runs, run_id=f"organism-{task}", call_kwargs=src.call_kwargs,
-                                    source=src.label, score=src.score, command=["cos", "capture", "--task", task],
-                                    extra=src.extra))
+    with src.around():
+        return Archive.open(capture_run(src.pipe, src.items, spec, runs_dir=runs,
+                                        run_id=f"organism-{task}" + ("-ensemble" if ensemble else ""),
+                                        call_kwargs=src.call_kwargs, source=src.label, score=src.score,
+                                        command=["cos", "capture", "--task", task], extra=src.extra,
+                                        members=src.members))
 
 
 def _capture_tiny(runs: Path, family: str, decode: bool) -> Path:
@@ -96,6 +98,7 @@ def make_runs(root: Path, model_dir: Path) -> Path:
     # memory: test instances 2 and 3 differ in both probed labels (identity, hidden_position), so probes can run
     for task, first in (("maze", 0), ("memory", 2)):
         analyze_run(_capture_organism(root, model_dir, task, first))
+    _capture_organism(root, model_dir, "maze", ensemble="mean_x0_hat:2:2")  # base vs ensemble for Compare
     _capture_tiny(root, "wan22", decode=True)
     _capture_tiny(root, "cogvideox", decode=False)
     for name, damage in (("plot-fixtures", None), ("broken-shard", "truncate")):
@@ -210,6 +213,33 @@ def test_widget_changes_rerun_and_land_in_the_url(app):
     at = visit(app, "compare")
     at.selectbox(key="run_b").set_value("tiny-cogvideox").run()
     assert not at.exception and charts(at) == 3 and "rows" in at.query_params
+
+
+def test_compare_pairs_a_run_with_its_ensemble_sample_by_sample(app, runs_dir):
+    at = visit(app, "compare", run="organism-maze", sample="1")
+    at.selectbox(key="run_b").set_value("organism-maze-ensemble").run()
+    assert not at.exception and not errors(at)
+    assert at.selectbox(key="sample_b").value == 1  # the same instance and seed as sample A
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["shared samples"] == "2"
+    base, ens = Archive.open(runs_dir / "organism-maze"), Archive.open(runs_dir / "organism-maze-ensemble")
+    changed = int((base.samples["answer"] != ens.samples["answer"]).sum())
+    assert metrics["answer changed"] == str(changed)
+    assert "mean_x0_hat, K=2, n=2" in at.dataframe[0].value.to_string()  # the facts table names the ensemble
+    at.sidebar.selectbox(key="sample").set_value(0).run()
+    assert at.selectbox(key="sample_b").value == 0, "sample B follows sample A to the same instance and seed"
+
+
+def test_paired_outcomes_match_on_sample_id_only():
+    a = pd.DataFrame({"sample_id": ["x", "y", "z"], "instance": ["1", "2", "3"], "seed": [0, 0, 0],
+                      "answer": ["0", "1", "1"], "score_correct": [1.0, 0.0, 1.0]})
+    b = pd.DataFrame({"sample_id": ["y", "z", "w"], "instance": ["2", "3", "9"], "seed": [0, 0, 0],
+                      "answer": ["0", "1", "1"], "score_correct": [1.0, 1.0, 0.0]})
+    paired = dd.paired_outcomes(a, b)
+    assert paired["sample_id"].tolist() == ["y", "z"] and paired["changed"].tolist() == [True, False]
+    assert dd.outcome_counts(paired) == {"shared samples": 2, "accuracy A": 0.5, "accuracy B": 1.0,
+                                         "fixed by B": 1, "broken by B": 0, "answer changed": 1}
+    assert dd.paired_outcomes(a.drop(columns="answer"), b).empty
 
 
 def test_url_seeds_the_widgets_and_stale_keys_are_dropped(app):

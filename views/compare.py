@@ -1,5 +1,6 @@
 """Compare: two runs side by side (two models, two tasks, or base vs ensemble) on the x̂0 steps grid, the σ
-schedule and the run facts. Run A is the sidebar's run; run B is picked here."""
+schedule and the run facts, plus the answers of the samples both runs hold. Run A is the sidebar's run; run B is
+picked here, and sample B follows sample A when run B has the same instance and seed."""
 
 import pandas as pd
 import streamlit as st
@@ -17,8 +18,17 @@ c1.markdown(f"**A:** `{archive_a.path.name}`, sample {sample_a} (change in the s
 name_b = shared.select("run B", others, "run_b", where=c2)
 with shared.guard():
     archive_b = shared.open_run(sel.root, name_b)
-    labels_b = {int(r["sample"]): dd.sample_label(r) for _, r in shared.samples(archive_b).iterrows()}
-    sample_b = shared.select("sample B", list(labels_b), "sample_b", where=c2, format_func=labels_b.get)
+    samples_a, samples_b = shared.samples(archive_a), shared.samples(archive_b)
+    labels_b = {int(r["sample"]): dd.sample_label(r) for _, r in samples_b.iterrows()}
+    id_a = samples_a.loc[samples_a["sample"] == sample_a, "sample_id"]
+    same = samples_b.loc[samples_b["sample_id"].isin(id_a), "sample"] if "sample_id" in samples_b else []
+    follow = int(same.iloc[0]) if len(same) else None
+    moved = st.session_state.get("compare_a", (archive_a.run_id, sample_a)) != (archive_a.run_id, sample_a)
+    if moved and follow is not None:  # sample A changed: B follows to the same instance and seed
+        st.session_state["sample_b"] = follow
+    st.session_state["compare_a"] = (archive_a.run_id, sample_a)
+    sample_b = shared.select("sample B", list(labels_b), "sample_b", where=c2, format_func=labels_b.get,
+                             default=follow)
     n_rows = shared.slider("steps in each grid", list(range(1, 17)), "rows", default=8)
     n_cols = shared.slider("frames in each grid", list(range(1, 13)), "cols", default=6)
 
@@ -38,3 +48,18 @@ with shared.guard():
     schedules = {f"A: {archive_a.run_id}": archive_a.steps, f"B: {archive_b.run_id}": archive_b.steps}
     both = pd.concat([df.assign(run=name) for name, df in schedules.items()], ignore_index=True)
     shared.show(plots.sigma_schedule, (schedules,), both, "compare-sigma")
+
+    paired = dd.paired_outcomes(samples_a, samples_b)
+    st.subheader("Same instance and seed in both runs")
+    if paired.empty:
+        st.info("These runs share no scored sample (same task instance and noise seed): nothing to pair. Compare a "
+                "run with one made from the same instances and seeds, e.g. `organism-fork` with "
+                "`organism-fork-ensemble` (`cos capture --ensemble`).")
+    else:
+        counts = dd.outcome_counts(paired)
+        cols = st.columns(len(counts))
+        for col, (name, value) in zip(cols, counts.items()):
+            col.metric(name, f"{value:.0%}" if name.startswith("accuracy") else value)
+        st.caption("Run B's member 0 starts from the same noise as run A's sample when B is an ensemble of A's "
+                   "seeds, so a changed answer is the effect of merging, not of a different draw.")
+        st.dataframe(paired, width="stretch", hide_index=True)
