@@ -21,6 +21,12 @@ make_run maze 6 0,1
 make_run memory 6 0,1
 make_run choice 6 0,1
 make_run fork 16 0,1
+# base vs ensemble for the Compare page: member 0 of a 4-seed ensemble merged by mean x̂0 over the first 4 of 16
+# steps, on the fork run's instances with seed 0 (pairs with organism-fork's seed-0 samples)
+rm -rf "${RUNS:?}/organism-fork-ensemble" "${RUNS:?}/organism-fork-ensemble.partial"
+$COS capture --task fork --instances 16 --seeds 0 --ensemble mean_x0_hat:4:4 --run-id organism-fork-ensemble \
+    "${COMMON[@]}"
+$COS analyze --runs-dir "$RUNS" organism-fork-ensemble
 $COS intervene --runs-dir "$RUNS" organism-fork --instances 100 --batch-size 512
 $COS intervene --runs-dir "$RUNS" organism-memory --instances 100 --batch-size 512
 # 4 steps instead of 16: the organism solves fork 70-80 % of the time there, so merging seeds has room to help
