@@ -130,8 +130,11 @@ def run(args: argparse.Namespace) -> int:
                          "device: drop --cpu-offload/--device-map")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    if cuda and cp.enabled:
+        torch.cuda.set_device(torch.device(device))  # NCCL binds each rank's communicator to its current device
     # one process, or this rank of a torchrun / accelerate launch job
-    ranks = from_env(cp.size, cuda=torch.device(device).type == "cuda")
+    ranks = from_env(cp.size, cuda=cuda)
     spec = _spec(args)
     seeds = _seeds(args.seeds)
     source = load_source(args, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
