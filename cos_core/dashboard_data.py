@@ -117,6 +117,11 @@ def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return both[cols].reset_index(drop=True)
 
 
+def noise_device(archive: Archive) -> str:
+    """Device type the run drew its noise on ('cpu', 'cuda', ...): a seed gives a different draw on each."""
+    return str((archive.manifest.get("model") or {}).get("device", "?")).split(":")[0]
+
+
 def outcome_counts(paired: pd.DataFrame) -> dict[str, Any]:
     """Accuracy of each run on the shared samples and how correctness moved from A to B."""
     a, b = paired["correct_a"].astype(bool), paired["correct_b"].astype(bool)

@@ -226,8 +226,25 @@ def test_compare_pairs_a_run_with_its_ensemble_sample_by_sample(app, runs_dir):
     changed = int((base.samples["answer"] != ens.samples["answer"]).sum())
     assert metrics["answer changed"] == str(changed)
     assert "mean_x0_hat, K=2, n=2" in at.dataframe[0].value.to_string()  # the facts table names the ensemble
+    assert any("Both runs drew their noise on cpu" in c.value for c in at.caption)
+    assert dd.noise_device(base) == "cpu" and dd.noise_device(Archive.open(runs_dir / "tiny-wan22")) == "cpu"
     at.sidebar.selectbox(key="sample").set_value(0).run()
     assert at.selectbox(key="sample_b").value == 0, "sample B follows sample A to the same instance and seed"
+
+
+def test_compare_warns_when_the_runs_drew_noise_on_different_devices(runs_dir, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    for name in ("organism-maze", "organism-maze-ensemble"):
+        shutil.copytree(runs_dir / name, tmp_path / name)
+    manifest = json.loads((tmp_path / "organism-maze" / "manifest.json").read_text())
+    manifest["model"]["device"] = "cuda:0"  # as if made on a GPU: seed 0 is another draw there
+    (tmp_path / "organism-maze" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(dd.RUNS_ENV, str(tmp_path))
+    at = visit(AppTest.from_file(str(APP), default_timeout=60), "compare", run="organism-maze")
+    at.selectbox(key="run_b").set_value("organism-maze-ensemble").run()
+    assert not at.exception
+    assert any("on cuda, run B on cpu" in w.value for w in at.warning)
 
 
 def test_paired_outcomes_match_on_sample_id_only():

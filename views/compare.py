@@ -60,6 +60,11 @@ with shared.guard():
         cols = st.columns(len(counts))
         for col, (name, value) in zip(cols, counts.items()):
             col.metric(name, f"{value:.0%}" if name.startswith("accuracy") else value)
-        st.caption("Run B's member 0 starts from the same noise as run A's sample when B is an ensemble of A's "
-                   "seeds, so a changed answer is the effect of merging, not of a different draw.")
+        dev_a, dev_b = dd.noise_device(archive_a), dd.noise_device(archive_b)
+        if dev_a == dev_b:
+            st.caption(f"Both runs drew their noise on {dev_a}: a pair starts from the same noise (for an ensemble "
+                       "run, its member 0), so a changed answer is the effect of what differs between the runs.")
+        else:
+            st.warning(f"Run A drew its noise on {dev_a}, run B on {dev_b}: the same seed is a different draw on "
+                       "each, so these pairs share instance and seed number but not their starting noise.")
         st.dataframe(paired, width="stretch", hide_index=True)
