@@ -8,6 +8,7 @@ through the organism pipeline; never streamlit.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,6 +20,7 @@ from .archive import Archive
 from .capture_run import WorkItem
 from .tasks import Instance, Task
 
+log = logging.getLogger(__name__)
 ORGANISM_DIR = Path(__file__).resolve().parent.parent / "models" / "organism"
 Callback = Callable[[Any, int, Any, dict], dict]
 
@@ -114,6 +116,11 @@ def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"no organism weights at {model_dir} (model_index.json missing)")
     pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
+    made_on = str(archive.manifest.get("model", {}).get("device", "")).split(":")[0]
+    if made_on and made_on != pipe._execution_device.type:
+        log.warning("%s drew its noise on %s; re-running on %s draws other noise for the same seeds, so the "
+                    "re-run samples are new draws, not the archive's", archive.run_id, made_on,
+                    pipe._execution_device.type)
     if task.name not in pipe.config.task_names:
         raise ValueError(f"the organism at {model_dir} knows tasks {pipe.config.task_names}, not {task.name!r}")
     call = dict(archive.manifest["config"].get("call") or {})

@@ -27,3 +27,18 @@ def test_replay_refuses_runs_it_cannot_rerun(organism_run, tmp_path):
     archive, _ = organism_run()
     with pytest.raises(ValueError, match="model_index.json"):
         load_replay(archive, model_dir=tmp_path)
+
+
+def test_replaying_on_another_device_type_than_capture_warns(organism_run, caplog):
+    import copy
+
+    archive, model_dir = organism_run()
+    moved = copy.copy(archive)
+    moved.manifest = {**archive.manifest, "model": {**archive.manifest["model"], "device": "cuda:0"}}
+    with caplog.at_level("WARNING", logger="cos_core.replay"):
+        load_replay(moved, model_dir=model_dir)
+    assert "drew its noise on cuda; re-running on cpu" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cos_core.replay"):
+        load_replay(archive, model_dir=model_dir)
+    assert "drew its noise" not in caplog.text
