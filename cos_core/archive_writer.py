@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from .archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEMA_VERSION, SHARD_DIR,
-                      ArchiveError, atomic_write, check_name, read_manifest, shard_name)
+                      ArchiveError, atomic_write, check_name, shard_name)
+from .archive_manifest import read_manifest
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "COS_FAULT_POINT"

@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cos_core.archive import (_REQUIRED_KEYS, MANIFEST, SAMPLES, SCHEMA_VERSION, Archive, ArchiveError, act_key,
-                              list_runs, shard_name, token_key)
+from cos_core.archive import (MANIFEST, SAMPLES, SCHEMA_VERSION, Archive, ArchiveError, act_key, list_runs,
+                              shard_name, token_key)
+from cos_core.archive_manifest import REQUIRED_KEYS
 from cos_core.archive_writer import RunExistsError, RunWriter
 from cos_core.capture import SITE, Capturer, CaptureSpec
 from cos_core.capture_run import WorkItem, capture_run
@@ -232,7 +233,7 @@ def test_a_manifest_that_is_not_a_json_object_is_refused(run, text, message):
         Archive.open(run)
 
 
-@pytest.mark.parametrize("key", [k for k in _REQUIRED_KEYS if k != "schema_version"])
+@pytest.mark.parametrize("key", [k for k in REQUIRED_KEYS if k != "schema_version"])
 def test_a_manifest_missing_a_required_key_is_refused(run, key):
     edit_manifest(run, lambda m: m.pop(key))
     with pytest.raises(ArchiveError, match=f"misses required keys: {key}"):

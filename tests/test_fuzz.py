@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cos_core.archive import MANIFEST, Archive, ArchiveError, act_key, list_runs, read_manifest, shard_name, token_key
+from cos_core.archive import MANIFEST, Archive, ArchiveError, act_key, list_runs, shard_name, token_key
+from cos_core.archive_manifest import read_manifest
 from cos_core.archive_writer import RunWriter
 
 FUZZ = settings(max_examples=int(os.environ.get("COS_FUZZ_EXAMPLES", "200")), deadline=None, database=None,

@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 
 from cos_core.archive import (MANIFEST, PARTIAL_MANIFEST, SAMPLES, Archive, ArchiveError, act_key, list_runs,
-                              read_manifest, shard_name, token_key)
+                              shard_name, token_key)
+from cos_core.archive_manifest import read_manifest
 from cos_core.archive_writer import RunWriter
 from cos_core.capture import SITE, CaptureSpec
 from cos_core.capture_run import WorkItem, capture_run
