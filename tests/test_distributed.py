@@ -196,6 +196,14 @@ def test_real_torchrun_three_processes_capture_the_organism_like_one(tmp_path):
     assert multi.manifest["timing"]["world_size"] == 3 and multi.n_samples == 4
     assert "score_correct" in multi.samples
     assert_same_archive(multi, ref)
+    # the same job as one context-parallel group: the organism's 3 attention heads split over 3 ranks (Ulysses)
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node=3", "--no-python", sys.executable, "-m",
+                           "cos_core.cli", *args, "--run-id", "cp", "--ulysses-degree", "3"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cp = Archive.open(tmp_path / "cp")
+    assert cp.manifest["timing"]["context_parallel"] == 3
+    assert_same_archive(cp, ref)
 
 
 @pytest.mark.slow
