@@ -44,6 +44,27 @@ def test_context_parallel_groups_share_items_and_one_rank_writes():
         Ranks(0, 3, cp=2)
 
 
+def test_context_parallel_refuses_what_diffusers_would_fail_on_later():
+    """Checked before any collective: Ulysses over more ranks than divide the heads, ring attention on the native
+    backend (no log-sum-exp), a transformer without a context-parallel plan."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cos_core.context_parallel import ContextParallel, enable
+    from cos_core.tiny_pipelines import build_tiny
+
+    pipe = build_tiny("wan_t2v").pipe
+    heads = pipe.transformer.config.num_attention_heads
+    with pytest.raises(ValueError, match=f"{heads}\\] heads do not divide by --ulysses-degree {heads + 1}"):
+        enable(pipe, ContextParallel(ulysses=heads + 1), world=heads + 1)
+    with pytest.raises(ValueError, match="ring attention .* native backend"):
+        enable(pipe, ContextParallel(ring=2), world=2)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        enable(pipe, ContextParallel(ulysses=2), world=3)
+    assert not getattr(CogVideoXTransformer3DModel, "_cp_plan", None), "diffusers now plans CogVideoX: pick another"
+    with pytest.raises(ValueError, match="CogVideoXTransformer3DModel has no context-parallel plan"):
+        enable(build_tiny("cogvideox").pipe, ContextParallel(ulysses=2), world=2)
+
+
 def test_context_parallel_needs_a_matching_world(capsys):
     from cos_core.cli import main
 
