@@ -8,6 +8,7 @@ reader only: never streamlit, torch or diffusers. Reads are sliced so memory fol
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from dataclasses import dataclass
@@ -103,17 +104,27 @@ def runs_table(archives: list[Archive], sizes: dict[str, int]) -> pd.DataFrame:
 
 
 def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """The samples two runs share (same `sample_id`: same task instance and seed), with each run's answer and
-    correctness side by side; `changed` marks a different answer. Empty when they share none or are unscored."""
+    """The samples two runs share (same `sample_id`: same task instance and seed), with each run's discrete answer
+    (`answer_key`: maze path, memory identity, choice index, fork goal; null when unreadable) and correctness side
+    by side; `changed` marks a different discrete answer. Empty when they share none or are unscored."""
+    from .analysis.step_frames import answer_key
+
     cols = ["sample_id", "instance", "seed", "answer_a", "answer_b", "correct_a", "correct_b", "changed"]
     need = {"sample_id", "answer", "score_correct"}
     if not (need <= set(a.columns) and need <= set(b.columns)):
         return pd.DataFrame(columns=cols)
-    keep = ["sample_id", "instance", "seed", "answer", "score_correct"]
-    both = a[keep].merge(b[["sample_id", "answer", "score_correct"]], on="sample_id", suffixes=("_a", "_b"))
+
+    def keys(table: pd.DataFrame) -> pd.Series:
+        tasks = table["task"] if "task" in table else pd.Series("", index=table.index)
+        return pd.Series([answer_key(str(t), json.loads(x)) if isinstance(x, str) and x else None
+                          for t, x in zip(tasks, table["answer"])], index=table.index, dtype=object)
+
+    left = a[["sample_id", "instance", "seed", "score_correct"]].assign(answer=keys(a))
+    right = b[["sample_id", "score_correct"]].assign(answer=keys(b))
+    both = left.merge(right, on="sample_id", suffixes=("_a", "_b"))
     both = both.rename(columns={"score_correct_a": "correct_a", "score_correct_b": "correct_b"})
     both[["correct_a", "correct_b"]] = both[["correct_a", "correct_b"]].astype(float) >= 0.5
-    both["changed"] = both["answer_a"] != both["answer_b"]
+    both["changed"] = [x != y for x, y in zip(both["answer_a"], both["answer_b"])]
     return both[cols].reset_index(drop=True)
 
 

@@ -223,7 +223,8 @@ def test_compare_pairs_a_run_with_its_ensemble_sample_by_sample(app, runs_dir):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["shared samples"] == "2"
     base, ens = Archive.open(runs_dir / "organism-maze"), Archive.open(runs_dir / "organism-maze-ensemble")
-    changed = int((base.samples["answer"] != ens.samples["answer"]).sum())
+    changed = sum(json.loads(x).get("path") != json.loads(y).get("path")  # maze's discrete answer is its path
+                  for x, y in zip(base.samples["answer"], ens.samples["answer"]))
     assert metrics["answer changed"] == str(changed)
     assert "mean_x0_hat, K=2, n=2" in at.dataframe[0].value.to_string()  # the facts table names the ensemble
     assert any("Both runs drew their noise on cpu" in c.value for c in at.caption)
@@ -248,12 +249,16 @@ def test_compare_warns_when_the_runs_drew_noise_on_different_devices(runs_dir, t
 
 
 def test_paired_outcomes_match_on_sample_id_only():
-    a = pd.DataFrame({"sample_id": ["x", "y", "z"], "instance": ["1", "2", "3"], "seed": [0, 0, 0],
-                      "answer": ["0", "1", "1"], "score_correct": [1.0, 0.0, 1.0]})
-    b = pd.DataFrame({"sample_id": ["y", "z", "w"], "instance": ["2", "3", "9"], "seed": [0, 0, 0],
-                      "answer": ["0", "1", "1"], "score_correct": [1.0, 1.0, 0.0]})
+    def fork(goal, trace):  # the discrete answer is the goal; the trace cells may differ without changing it
+        return json.dumps({"goal": goal, "cells": trace})
+
+    a = pd.DataFrame({"sample_id": ["x", "y", "z"], "task": "fork", "instance": ["1", "2", "3"], "seed": [0, 0, 0],
+                      "answer": [fork(0, [1]), fork(1, [2]), fork(1, [3])], "score_correct": [1.0, 0.0, 1.0]})
+    b = pd.DataFrame({"sample_id": ["y", "z", "w"], "task": "fork", "instance": ["2", "3", "9"], "seed": [0, 0, 0],
+                      "answer": [fork(0, [2]), fork(1, [3, 4]), fork(None, [])], "score_correct": [1.0, 1.0, 0.0]})
     paired = dd.paired_outcomes(a, b)
     assert paired["sample_id"].tolist() == ["y", "z"] and paired["changed"].tolist() == [True, False]
+    assert paired["answer_a"].tolist() == ["1", "1"] and paired["answer_b"].tolist() == ["0", "1"]
     assert dd.outcome_counts(paired) == {"shared samples": 2, "accuracy A": 0.5, "accuracy B": 1.0,
                                          "fixed by B": 1, "broken by B": 0, "answer changed": 1}
     assert dd.paired_outcomes(a.drop(columns="answer"), b).empty
