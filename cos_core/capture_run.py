@@ -119,7 +119,8 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     n_steps = call_kwargs.get("num_inference_steps")
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"call_kwargs needs num_inference_steps as a positive int, got {n_steps!r}")
-    capturer = Capturer(pipe, spec, n_steps=n_steps, members=members)  # validates layers/steps before anything is written
+    # validates layers/steps before anything is written
+    capturer = Capturer(pipe, spec, n_steps=n_steps, members=members)
     decode_pos: list[int] = []
     if decode:
         if "x0_hat" not in spec.tensors:
