@@ -21,7 +21,7 @@ import torch
 
 from . import families as fam
 from .archive import BRANCHES, STEP_TENSORS, act_key, token_key
-from .context_parallel import gather_tokens
+from .context_parallel import check_tokens, gather_tokens
 from .reductions import DEFAULT, Reducer, check_reduction, reduced_shape
 from .selection import select
 
@@ -78,6 +78,7 @@ class _Sample:
     final: torch.Tensor | None = None
     dim: int | None = None
     token_dtype: str | None = None
+    devices: set = field(default_factory=set)           # CUDA devices the host copies were issued from
 
 
 class Capturer:
@@ -171,6 +172,7 @@ class Capturer:
             pt, ph, pw = self.family.patch(module.config)
             f, h, w = self.s.grid
             self.s.latent_fhw = (f * pt, h * ph, w * pw)
+            check_tokens(module, f * h * w)
         return hook
 
     def _wrap_context(self, original: Callable) -> Callable:
@@ -238,6 +240,8 @@ class Capturer:
             self.s.filled[key] = np.zeros(lead or (1,), dtype=bool)
             self.s.shapes[key] = list(value.shape)
         buf[index].copy_(value, non_blocking=True)
+        if value.is_cuda:
+            self.s.devices.add(value.device)
         self.s.filled[key][index or (0,)] = True
 
     def _wrap_step(self, original: Callable) -> Callable:
@@ -294,8 +298,8 @@ class Capturer:
         if self.n_steps is None or len(s.steps) != self.n_steps or s.final is None:
             raise RuntimeError(f"sample ended after {len(s.steps)} of {self.n_steps} steps; was the pipeline run "
                                "with callback_on_step_end=cap.callback() and tensor inputs ['latents']?")
-        for device in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            torch.cuda.synchronize(device)  # blocks may live on several GPUs (device_map placement)
+        for device in s.devices:  # blocks may live on several GPUs (device_map placement); touch no other GPU
+            torch.cuda.synchronize(device)
         for key, mask in s.filled.items():
             if not mask.all():
                 raise RuntimeError(f"{key}: {int((~mask).sum())} cells never written (hooks missed calls)")

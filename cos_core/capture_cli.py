@@ -129,9 +129,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("context parallelism (--ring-degree/--ulysses-degree) places the whole model on each rank's "
                          "device: drop --cpu-offload/--device-map")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # under torchrun rank r of a node uses GPU r; an explicit --device (e.g. cuda:0) lets ranks share one GPU
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"
     if cuda and cp.enabled:
+        if args.device is not None:
+            raise ValueError(f"--device {args.device} with context parallelism on GPUs: NCCL needs one GPU per rank, "
+                             "so each rank uses cuda:LOCAL_RANK; leave --device out")
         torch.cuda.set_device(torch.device(device))  # NCCL binds each rank's communicator to its current device
     # one process, or this rank of a torchrun / accelerate launch job
     ranks = from_env(cp.size, cuda=cuda)

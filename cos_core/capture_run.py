@@ -155,12 +155,12 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
             pipe(**call_kwargs, **item.kwargs, generator=generator, output_type="latent",
                  callback_on_step_end=capturer.callback(), callback_on_step_end_tensor_inputs=["latents"])
             tensors, layout = capturer.end_sample(copy=False)  # written below, before the next sample
-            if decode:
+            if not ranks.writes:
+                continue  # another rank of this context-parallel group holds the same video and writes it
+            if decode:  # the VAE runs no collectives: the writing rank alone decodes
                 _decode(pipe, capturer.family, tensors, decode_pos)
             layout["decoded"] = ({"steps": config["decode_steps"], "shape": list(tensors["decoded/final"].shape)}
                                  if decode else None)
-            if not ranks.writes:
-                continue  # another rank of this context-parallel group holds the same video and writes it
             row = item.row()
             if score is not None:
                 row.update(score(item, tensors["final"]))

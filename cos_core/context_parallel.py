@@ -101,6 +101,20 @@ def enable(pipe: Any, cp: ContextParallel, world: int, *, attention_backend: str
              world // cp.size)
 
 
+def check_tokens(expert: Any, n_tokens: int) -> None:
+    """ValueError when context parallelism cannot split `n_tokens` video tokens evenly over its group (diffusers
+    would stop at the first block with a bare assertion)."""
+    config = getattr(expert, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    if cp is None or cp.ulysses_anything or cp.ring_anything:
+        return
+    size = cp.ring_degree * cp.ulysses_degree
+    if n_tokens % size:
+        raise ValueError(f"context parallelism splits each video's {n_tokens} tokens over {size} ranks, which does "
+                         f"not divide them: choose a degree that divides {n_tokens} (or another height, width or "
+                         "frame count)")
+
+
 def _backend(requested: str | None) -> str:
     if requested:
         return requested

@@ -108,6 +108,11 @@ def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "
     if not source.startswith("organism"):
         raise ValueError(f"{archive.run_id} was made by {source or 'an unknown model'!r}; re-running needs a run "
                          "of the organism on a task (`cos capture --task ...`), whose answers can be scored")
+    ensemble = (archive.manifest.get("config") or {}).get("ensemble")
+    if ensemble:
+        raise ValueError(f"{archive.run_id} captured member 0 of latent ensembles ({ensemble.get('method')}, "
+                         f"K={ensemble.get('k')}, n={ensemble.get('n')}); re-running it alone would not reproduce "
+                         "it: intervene on / ensemble the plain run of the same instances instead")
     tasks = run_tasks(archive)
     if len(tasks) != 1:
         raise ValueError(f"{archive.run_id} mixes tasks {sorted(tasks)}; re-running needs a run of one task")

@@ -65,6 +65,25 @@ def test_context_parallel_refuses_what_diffusers_would_fail_on_later():
         enable(build_tiny("cogvideox").pipe, ContextParallel(ulysses=2), world=2)
 
 
+def test_context_parallel_refuses_tokens_its_group_cannot_split_and_a_shared_gpu(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusers import ContextParallelConfig
+
+    from cos_core.cli import main
+    from cos_core.context_parallel import check_tokens
+
+    expert = SimpleNamespace(_parallel_config=SimpleNamespace(context_parallel_config=ContextParallelConfig(
+        ulysses_degree=2)))
+    check_tokens(expert, 24)
+    check_tokens(SimpleNamespace(), 7)  # no context parallelism: anything goes
+    with pytest.raises(ValueError, match="splits each video's 7 tokens over 2 ranks"):
+        check_tokens(expert, 7)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before any process group is made
+    assert main(["capture", "--model", "tiny:wan_t2v", "--ulysses-degree", "2", "--device", "cuda:0"]) == 2
+    assert "NCCL needs one GPU per rank" in capsys.readouterr().err
+
+
 def test_context_parallel_needs_a_matching_world(capsys):
     from cos_core.cli import main
 

@@ -322,6 +322,12 @@ def test_the_captured_member_is_the_ensembles_member_zero(organism_run, tmp_path
     assert list(archive.samples["score_correct"].astype(bool)) == [s["correct"] for s in scored]
 
 
+def test_an_ensemble_archive_is_not_replayed_as_a_plain_run(organism_run, tmp_path):
+    archive = _ensemble_capture(organism_run, tmp_path, "mean_x_t:1:2")
+    with pytest.raises(ValueError, match="captured member 0 of latent ensembles \\(mean_x_t, K=1, n=2\\)"):
+        load_replay(archive, model_dir=organism_run()[1])
+
+
 def test_capture_refuses_a_bad_ensemble(capsys):
     from cos_core.cli import main
 
