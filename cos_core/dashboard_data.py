@@ -123,7 +123,9 @@ def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     right = b[["sample_id", "score_correct"]].assign(answer=keys(b))
     both = left.merge(right, on="sample_id", suffixes=("_a", "_b"))
     both = both.rename(columns={"score_correct_a": "correct_a", "score_correct_b": "correct_b"})
-    both[["correct_a", "correct_b"]] = both[["correct_a", "correct_b"]].astype(float) >= 0.5
+    for col in ("correct_a", "correct_b"):  # True / False, or missing (NaN: that sample was not scored)
+        score = both[col].astype(float)
+        both[col] = pd.Series([None if pd.isna(v) else bool(v >= 0.5) for v in score], index=both.index, dtype=object)
     both["changed"] = [x != y for x, y in zip(both["answer_a"], both["answer_b"])]
     return both[cols].reset_index(drop=True)
 
@@ -134,10 +136,11 @@ def noise_device(archive: Archive) -> str:
 
 
 def outcome_counts(paired: pd.DataFrame) -> dict[str, Any]:
-    """Accuracy of each run on the shared samples and how correctness moved from A to B."""
-    a, b = paired["correct_a"].astype(bool), paired["correct_b"].astype(bool)
-    n = len(paired)
-    return {"shared samples": n, "accuracy A": float(a.mean()) if n else float("nan"),
+    """Accuracy of each run on the shared samples both runs scored, and how correctness moved from A to B."""
+    scored = paired[paired["correct_a"].notna() & paired["correct_b"].notna()]
+    a, b = scored["correct_a"].astype(bool), scored["correct_b"].astype(bool)
+    n = len(scored)
+    return {"shared samples": len(paired), "accuracy A": float(a.mean()) if n else float("nan"),
             "accuracy B": float(b.mean()) if n else float("nan"), "fixed by B": int((~a & b).sum()),
             "broken by B": int((a & ~b).sum()), "answer changed": int(paired["changed"].sum())}
 

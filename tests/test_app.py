@@ -262,6 +262,9 @@ def test_paired_outcomes_match_on_sample_id_only():
     assert dd.outcome_counts(paired) == {"shared samples": 2, "accuracy A": 0.5, "accuracy B": 1.0,
                                          "fixed by B": 1, "broken by B": 0, "answer changed": 1}
     assert dd.paired_outcomes(a.drop(columns="answer"), b).empty
+    b.loc[1, "score_correct"] = float("nan")  # z unscored in B: paired, but left out of accuracy and flips
+    counts = dd.outcome_counts(dd.paired_outcomes(a, b))
+    assert counts["shared samples"] == 2 and counts["accuracy A"] == 0.0 and counts["fixed by B"] == 1
 
 
 def test_url_seeds_the_widgets_and_stale_keys_are_dropped(app):
