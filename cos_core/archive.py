@@ -135,6 +135,12 @@ class Archive:
     def n_steps(self) -> int:
         return int(self.manifest["n_steps"])
 
+    @property
+    def noise_device(self) -> str:
+        """Device type the run drew its noise on ('cpu', 'cuda', ...; '?' when unrecorded): a seed gives another
+        draw on each, so samples re-run or paired across device types do not share their starting noise."""
+        return str((self.manifest.get("model") or {}).get("device") or "?").split(":")[0]
+
     @cached_property
     def steps(self) -> pd.DataFrame:
         """One row per denoising step: step, t, sigma, expert."""

@@ -101,11 +101,15 @@ def enable(pipe: Any, cp: ContextParallel, world: int, *, attention_backend: str
              world // cp.size)
 
 
+def _config(expert: Any) -> Any:
+    """The expert's diffusers `ContextParallelConfig` once `enable` ran, else None."""
+    return getattr(getattr(expert, "_parallel_config", None), "context_parallel_config", None)
+
+
 def check_tokens(expert: Any, n_tokens: int) -> None:
     """ValueError when context parallelism cannot split `n_tokens` video tokens evenly over its group (diffusers
     would stop at the first block with a bare assertion)."""
-    config = getattr(expert, "_parallel_config", None)
-    cp = getattr(config, "context_parallel_config", None)
+    cp = _config(expert)
     if cp is None or cp.ulysses_anything or cp.ring_anything:
         return
     size = cp.ring_degree * cp.ulysses_degree
@@ -128,8 +132,7 @@ def gather_tokens(expert: Any, hidden: torch.Tensor) -> torch.Tensor:
 
     Uses the inverse of the sharder diffusers split the sequence with; every rank of the group must call it (it is
     a collective). Outside context parallelism the tensor is returned unchanged."""
-    config = getattr(expert, "_parallel_config", None)
-    cp = getattr(config, "context_parallel_config", None)
+    cp = _config(expert)
     if cp is None:
         return hidden
     from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder

@@ -130,11 +130,6 @@ def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return both[cols].reset_index(drop=True)
 
 
-def noise_device(archive: Archive) -> str:
-    """Device type the run drew its noise on ('cpu', 'cuda', ...): a seed gives a different draw on each."""
-    return str((archive.manifest.get("model") or {}).get("device", "?")).split(":")[0]
-
-
 def outcome_counts(paired: pd.DataFrame) -> dict[str, Any]:
     """Accuracy of each run on the shared samples both runs scored, and how correctness moved from A to B."""
     scored = paired[paired["correct_a"].notna() & paired["correct_b"].notna()]

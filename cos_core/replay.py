@@ -121,10 +121,9 @@ def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"no organism weights at {model_dir} (model_index.json missing)")
     pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
-    made_on = str(archive.manifest.get("model", {}).get("device", "")).split(":")[0]
-    if made_on and made_on != pipe._execution_device.type:
+    if archive.noise_device not in ("?", pipe._execution_device.type):
         log.warning("%s drew its noise on %s; re-running on %s draws other noise for the same seeds, so the "
-                    "re-run samples are new draws, not the archive's", archive.run_id, made_on,
+                    "re-run samples are new draws, not the archive's", archive.run_id, archive.noise_device,
                     pipe._execution_device.type)
     if task.name not in pipe.config.task_names:
         raise ValueError(f"the organism at {model_dir} knows tasks {pipe.config.task_names}, not {task.name!r}")

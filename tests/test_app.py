@@ -228,7 +228,7 @@ def test_compare_pairs_a_run_with_its_ensemble_sample_by_sample(app, runs_dir):
     assert metrics["answer changed"] == str(changed)
     assert "mean_x0_hat, K=2, n=2" in at.dataframe[0].value.to_string()  # the facts table names the ensemble
     assert any("Both runs drew their noise on cpu" in c.value for c in at.caption)
-    assert dd.noise_device(base) == "cpu" and dd.noise_device(Archive.open(runs_dir / "tiny-wan22")) == "cpu"
+    assert base.noise_device == "cpu" and Archive.open(runs_dir / "tiny-wan22").noise_device == "cpu"
     at.sidebar.selectbox(key="sample").set_value(0).run()
     assert at.selectbox(key="sample_b").value == 0, "sample B follows sample A to the same instance and seed"
 

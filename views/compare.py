@@ -60,7 +60,7 @@ with shared.guard():
         cols = st.columns(len(counts))
         for col, (name, value) in zip(cols, counts.items()):
             col.metric(name, f"{value:.0%}" if name.startswith("accuracy") else value)
-        dev_a, dev_b = dd.noise_device(archive_a), dd.noise_device(archive_b)
+        dev_a, dev_b = archive_a.noise_device, archive_b.noise_device
         if dev_a == dev_b:
             st.caption(f"Both runs drew their noise on {dev_a}: a pair starts from the same noise (for an ensemble "
                        "run, its member 0), so a changed answer is the effect of what differs between the runs.")
