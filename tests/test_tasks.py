@@ -264,7 +264,7 @@ def test_choice_wrong_candidate_and_superposition():
     [
         ("maze", {"size": 1}, r"size=1 .*\[2, 5\]"),
         ("maze", {"size": 6}, r"size=6 .*\[2, 5\]"),
-        ("maze", {"cell_px": 2}, r"cell_px=2"),
+        ("maze", {"cell_px": 1}, r"cell_px=1"),
         ("maze", {"cell_px": 12}, r"cell_px=12 leaves no room"),
         ("maze", {"height": 25}, r"must be even"),
         ("maze", {"min_path": 40}, r"min_path=40 .*\[2, 25\]"),

@@ -26,6 +26,17 @@ CARD_FILE = "README.md"
 # keeps half a blend's weight is alive and one pruned to near 0 is not; 0.5 sits exactly at the blend, where small
 # errors flip the count, and is reported beside it.
 ALIVE_THRESHOLDS = (0.25, 0.5)
+STEP_COUNTS = (1, 2, 4, 8, 16, 32)  # sampling step counts of `accuracy_vs_steps` (eval.json)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % by default)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def has_candidates(task: Task) -> bool:
@@ -39,15 +50,28 @@ class _Tally:
     def __init__(self, task: Task, n_steps: int, per_step: bool):
         self.task, self.per_step, self.cands = task, per_step, has_candidates(task)
         self.correct, self.score, self.goals, self.gt_match, self.final_alive = [], [], [], [], []
+        self.bins: list[int] = []  # the instance's difficulty bin (task.difficulty_label), when the task has one
+        self.lengths: list[float] = []  # cells on the instance's true path, when it has one
+        self.step_prefix = np.zeros(n_steps)  # share of the true path traced from the start (tasks that grade it)
+        self.agree: dict[str, np.ndarray] = {}  # outcome label -> (step,) count of steps whose reading = the final
+        self.agree_n: dict[str, int] = {}
+        self.outcomes: list[dict[str, int | None]] = []  # per instance: the final video's outcome labels
         self.step_correct, self.step_score = np.zeros(n_steps), np.zeros(n_steps)
         self.alive = np.zeros((len(ALIVE_THRESHOLDS), n_steps))  # (threshold, step)
         self.chosen, self.runner_up = np.zeros(n_steps), np.zeros(n_steps)
 
     def add(self, inst: Any, video: np.ndarray, x0_steps: list[np.ndarray]) -> None:
         task = self.task
-        sc = task.score(task.extract(video), inst)
+        final_answer = task.extract(video)
+        sc = task.score(final_answer, inst)
         self.correct.append(sc["correct"])
         self.score.append(sc["score"])
+        if task.difficulty_label:
+            self.bins.append(int(inst.labels[task.difficulty_label]))
+        if "path" in inst.meta:
+            self.lengths.append(float(len(inst.meta["path"])))
+        final_outcome = task.outcome_labels(final_answer)
+        self.outcomes.append(final_outcome)
         if "goal" in sc:  # fork: which goal the sample walked to (-1: none)
             self.goals.append(int(sc["goal"]))
             if "gt_goal" in inst.meta:
@@ -59,10 +83,19 @@ class _Tally:
             self.final_alive.append([(final >= th).sum() for th in ALIVE_THRESHOLDS])
         if not self.per_step:
             return
+        for label, value in final_outcome.items():
+            if value is not None:
+                self.agree.setdefault(label, np.zeros(len(self.step_correct)))
+                self.agree_n[label] = self.agree_n.get(label, 0) + 1
         for i, x0 in enumerate(x0_steps):
-            sc = task.score(task.extract(x0), inst)
+            answer = task.extract(x0)
+            sc = task.score(answer, inst)
             self.step_correct[i] += sc["correct"]
             self.step_score[i] += sc["score"]
+            self.step_prefix[i] += sc.get("prefix", math.nan)
+            for label, value in task.outcome_labels(answer).items():
+                if final_outcome.get(label) is not None:
+                    self.agree[label][i] += value == final_outcome[label]
             if chosen is not None:
                 ev = task.candidates(x0, inst)  # (k,)
                 self.alive[:, i] += [(ev >= th).sum() for th in ALIVE_THRESHOLDS]
@@ -74,9 +107,31 @@ class _Tally:
         out: dict[str, Any] = {"n": n, "accuracy": float(np.mean(self.correct)) if n else math.nan,
                                "score": float(np.mean(self.score)) if n else math.nan,
                                "seeds": [seeds[0], seeds[-1]] if n else []}
+        if n:
+            lo, hi = wilson(float(np.sum(self.correct)), n)
+            out["accuracy_ci"] = [lo, hi]
+        if self.outcomes and self.outcomes[0]:
+            out["final_outcome"] = {k: [-1 if o.get(k) is None else int(o[k]) for o in self.outcomes]
+                                    for k in self.outcomes[0]}
+            out["outcome_split"] = {k: {str(v): float(np.mean(np.array(vals) == v)) for v in sorted(set(vals))}
+                                    for k, vals in out["final_outcome"].items()}
+        if self.bins:
+            bins, correct, lengths = np.array(self.bins), np.array(self.correct), np.array(self.lengths)
+            out["by_difficulty"] = {
+                str(b): {"n": int((bins == b).sum()), "accuracy": float(correct[bins == b].mean()),
+                         "mean_path_cells": float(lengths[bins == b].mean()) if len(lengths) else math.nan}
+                for b in sorted(set(self.bins))}
         if self.per_step:
             out["per_step_accuracy"] = (self.step_correct / max(n, 1)).tolist()
             out["per_step_score"] = (self.step_score / max(n, 1)).tolist()
+            if np.isfinite(self.step_prefix).all():
+                out["per_step_prefix"] = (self.step_prefix / max(n, 1)).tolist()
+            if self.agree:
+                # per outcome label: P(the reading of x0_hat at step s = the final video's), over samples whose
+                # final video has a reading: when the noise's pick (goal, identity, colour, direction) commits
+                out["per_step_outcome_agreement"] = {k: (v / max(1, self.agree_n[k])).tolist()
+                                                     for k, v in self.agree.items()}
+                out["outcome_n"] = dict(self.agree_n)
         if self.goals:
             goals = np.array(self.goals)
             out["goal_split"] = {str(g): float(np.mean(goals == g)) for g in range(max(2, goals.max() + 1))}
@@ -130,22 +185,43 @@ def evaluate(pipe: Any, seeds: Mapping[str, Sequence[int]], num_inference_steps:
     return out
 
 
+def accuracy_vs_steps(pipe: Any, seeds: Mapping[str, Sequence[int]], step_counts: Sequence[int] = STEP_COUNTS,
+                      task_params: Mapping[str, dict] | None = None, batch_size: int = 200,
+                      seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """{task: {str(n_steps): {n, accuracy, accuracy_ci, by_difficulty?}}}: exact accuracy of the final video when
+    sampling with each number of steps (same instances and generator seeds at every count)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in seeds}
+    for k in step_counts:
+        result = evaluate(pipe, seeds, int(k), task_params, per_step=False, batch_size=batch_size, seed=seed)
+        for name, r in result["tasks"].items():
+            out[name][str(int(k))] = {key: r[key] for key in ("n", "accuracy", "accuracy_ci", "by_difficulty",
+                                                                "score", "goal_split") if key in r}
+    return out
+
+
 def noise_redraw(pipe: Any, test: dict[str, Any], seeds: Mapping[str, Sequence[int]],
                  task_params: Mapping[str, dict] | None = None, seed: int = 1) -> dict[str, Any]:
-    """Sample the tasks of `test` that report goals again with other noise (generator `seed`), final videos only.
-
-    Per task: accuracy, goal split and `same_goal`, the fraction of the `n_both` instances that reach a goal in both
-    draws which reach the same one (≈ 0.5 when the noise picks the goal, 1.0 when the first frame fixes it)."""
-    names = [name for name, r in test["tasks"].items() if "final_goal" in r]
+    """Sample the tasks of `test` that report outcome labels again with other noise (generator `seed`), final videos
+    only. Per task and outcome label: `same`, the fraction of the `n_both` instances read in both draws whose label
+    is the same (≈ 1/k when the noise picks among k, 1.0 when the first frame fixes it); fork also the goal split
+    and `same_goal` (its goal label)."""
+    names = [name for name, r in test["tasks"].items() if "final_goal" in r or "final_outcome" in r]
     again = evaluate(pipe, {n: seeds[n] for n in names}, test["num_inference_steps"], task_params, per_step=False,
                      seed=seed)
     out = {}
     for name in names:
-        a, b = np.array(test["tasks"][name]["final_goal"]), np.array(again["tasks"][name]["final_goal"])
         r = again["tasks"][name]
-        both = (a >= 0) & (b >= 0)
-        out[name] = {"seed": seed, "n": r["n"], "accuracy": r["accuracy"], "goal_split": r["goal_split"],
-                     "n_both": int(both.sum()), "same_goal": float(np.mean(a[both] == b[both])) if both.any() else math.nan}
+        out[name] = {"seed": seed, "n": r["n"], "accuracy": r["accuracy"], "same_outcome": {}}
+        for label, first in test["tasks"][name].get("final_outcome", {}).items():
+            a, b = np.array(first), np.array(r["final_outcome"][label])
+            both = (a >= 0) & (b >= 0)
+            out[name]["same_outcome"][label] = {"n_both": int(both.sum()),
+                                                "same": float(np.mean(a[both] == b[both])) if both.any() else math.nan}
+        if "final_goal" in r:
+            a, b = np.array(test["tasks"][name]["final_goal"]), np.array(r["final_goal"])
+            both = (a >= 0) & (b >= 0)
+            out[name] |= {"goal_split": r["goal_split"], "n_both": int(both.sum()),
+                          "same_goal": float(np.mean(a[both] == b[both])) if both.any() else math.nan}
     return out
 
 

@@ -66,6 +66,9 @@ class OrganismPipeline(DiffusionPipeline):
         scheduler: a `FlowMatchEulerDiscreteScheduler`.
         task_names: task names in task-id order (the id is the one-hot index of the prompt embedding).
         video_shape: (channels, frames, height, width) of the videos the organism makes.
+        task_params: {task name: `get_task` kwargs} the organism was trained with (a task left out uses its
+            defaults); saved in model_index.json so capture and replay build the tasks it knows.
+        trained_tasks: the tasks it was trained on (empty: not recorded); others have a prompt slot but no skill.
     """
 
     model_cpu_offload_seq = "transformer"
@@ -73,7 +76,8 @@ class OrganismPipeline(DiffusionPipeline):
 
     def __init__(self, transformer: WanTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler,
                  task_names: Sequence[str] = ("maze", "memory", "choice"),
-                 video_shape: Sequence[int] = (3, 8, 24, 24)):
+                 video_shape: Sequence[int] = (3, 8, 24, 24), task_params: dict | None = None,
+                 trained_tasks: Sequence[str] = ()):
         super().__init__()
         cfg = transformer.config
         if cfg.in_channels != IN_CHANNELS or cfg.out_channels != OUT_CHANNELS:
@@ -84,7 +88,12 @@ class OrganismPipeline(DiffusionPipeline):
         if len(task_names) >= cfg.text_dim:
             raise ValueError(f"{len(task_names)} task names do not fit text_dim={cfg.text_dim} (one slot is bos)")
         self.register_modules(transformer=transformer, scheduler=scheduler)
-        self.register_to_config(task_names=list(task_names), video_shape=[int(v) for v in video_shape])
+        task_params = dict(task_params or {})
+        unknown = sorted(set(task_params) - set(task_names)) + sorted(set(trained_tasks) - set(task_names))
+        if unknown:
+            raise ValueError(f"task_params/trained_tasks name tasks {unknown} that are not in task_names")
+        self.register_to_config(task_names=list(task_names), video_shape=[int(v) for v in video_shape],
+                                task_params=task_params, trained_tasks=list(trained_tasks))
         self.set_progress_bar_config(disable=True)  # the library logs; the CLI draws bars
 
     @classmethod
@@ -263,11 +272,12 @@ def load_transformer(folder: str, torch_dtype: torch.dtype | None = None) -> Wan
 
 
 def build_pipeline(preset: str, task_names: Sequence[str] = ("maze", "memory", "choice"),
-                   video_shape: Sequence[int] = (3, 8, 24, 24), shift: float = 3.0) -> OrganismPipeline:
+                   video_shape: Sequence[int] = (3, 8, 24, 24), shift: float = 3.0, task_params: dict | None = None,
+                   trained_tasks: Sequence[str] = ()) -> OrganismPipeline:
     """A freshly initialised organism (random weights) of a named preset."""
     from .presets import transformer_config
 
     transformer = WanTransformer3DModel(**transformer_config(preset))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
     return OrganismPipeline(transformer=transformer, scheduler=scheduler, task_names=task_names,
-                            video_shape=video_shape)
+                            video_shape=video_shape, task_params=task_params, trained_tasks=trained_tasks)

@@ -32,6 +32,10 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(_COMMON, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2),
     # the shipped organism: 8 Wan blocks of width 192 (≈ 5 M parameters); ≈ 0.25 s per forward on 2 CPU cores
     "small": dict(_COMMON, num_attention_heads=3, attention_head_dim=64, ffn_dim=768, num_layers=8),
+    # shallower organisms of the same width: fewer blocks per forward pass, so long chains need denoising steps
+    "small-l2": dict(_COMMON, num_attention_heads=3, attention_head_dim=64, ffn_dim=768, num_layers=2),
+    "small-l4": dict(_COMMON, num_attention_heads=3, attention_head_dim=64, ffn_dim=768, num_layers=4),
+    "small-l6": dict(_COMMON, num_attention_heads=3, attention_head_dim=64, ffn_dim=768, num_layers=6),
     # the feasibility size (width 256 × 8 blocks, ≈ 9 M parameters); too slow for the 5 s CPU bar at 16 steps
     "base": dict(_COMMON, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=8),
 }

@@ -225,7 +225,8 @@ class Trainer:
         self.video_shape = next(iter(shapes.values()))
         torch.manual_seed(cfg.seed)  # the initial weights
         self.pipe = build_pipeline(cfg.preset, task_names=tuple(TASKS), video_shape=self.video_shape,
-                                   shift=cfg.shift)
+                                   shift=cfg.shift, task_params=cfg.task_params,
+                                   trained_tasks=[name for name, _ in cfg.tasks])
         self.state: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "losses": [], "validation": []}
         if cfg.init_from and not resume:  # on resume the checkpoint holds the weights (and the init record)
             self.state["init"] = initial_weights(self.pipe.transformer, Path(cfg.init_from), tuple(TASKS),
@@ -334,8 +335,7 @@ class Trainer:
         seeds = {n: range(VAL_SEEDS.start, VAL_SEEDS.start + self.cfg.val_n) for n in names}
         record: dict[str, Any] = {"step": self.state["step"]}
         for label, model in (("ema", self.ema), ("raw", self.model)):
-            pipe = type(self.pipe)(transformer=model, scheduler=self.pipe.scheduler,
-                                   task_names=self.pipe.config.task_names, video_shape=self.video_shape)
+            pipe = self._pipeline(model)
             model.eval()
             result = evaluate(pipe, seeds, self.cfg.num_inference_steps, task_params=self.cfg.task_params,
                               per_step=False)
@@ -345,11 +345,16 @@ class Trainer:
         self.on_log({"step": self.state["step"], "validation": record})
         return record
 
+    def _pipeline(self, model: torch.nn.Module) -> Any:
+        cfg = self.pipe.config
+        return type(self.pipe)(transformer=model, scheduler=self.pipe.scheduler, task_names=cfg.task_names,
+                               video_shape=self.video_shape, task_params=cfg.task_params,
+                               trained_tasks=cfg.trained_tasks)
+
     def export(self, which: str = "ema") -> Any:
         """The pipeline with the chosen weights ("ema" or "raw") on the CPU in float32, saved into `out`."""
         model = copy.deepcopy(self.ema if which == "ema" else self.model).to("cpu", torch.float32).eval()
-        pipe = type(self.pipe)(transformer=model, scheduler=self.pipe.scheduler,
-                               task_names=self.pipe.config.task_names, video_shape=self.video_shape)
+        pipe = self._pipeline(model)
         self.out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(str(self.out), safe_serialization=True, max_shard_size="15MB")
         return pipe

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arrows import ArrowsTask
 from .choice import ChoiceTask
 from .common import TASK_NAMES, TEST_SEEDS, TRAIN_SEEDS, VIDEO_SHAPE, Instance, Task
 from .fork import ForkTask
 from .maze import MazeTask
-from .memory import MemoryTask
+from .memory import MemoryTask, RecallTask
+from .dispatch import DispatchTask
 
-TASKS: dict[str, type[Task]] = {"maze": MazeTask, "memory": MemoryTask, "choice": ChoiceTask, "fork": ForkTask}
+TASKS: dict[str, type[Task]] = {"maze": MazeTask, "memory": MemoryTask, "choice": ChoiceTask, "fork": ForkTask,
+                            "arrows": ArrowsTask, "recall": RecallTask, "dispatch": DispatchTask}
 assert tuple(TASKS) == TASK_NAMES, f"registry order {tuple(TASKS)} must equal task ids {TASK_NAMES}"
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Iterable
 import numpy as np
 
 VIDEO_SHAPE = (3, 8, 24, 24)  # (channel, frame, height, width)
-TASK_NAMES = ("maze", "memory", "choice", "fork")  # order = task_id, the organism's task embedding index
+TASK_NAMES = ("maze", "memory", "choice", "fork", "arrows", "recall", "dispatch")  # order = task_id, the organism's task embedding index
 TRAIN_SEEDS = range(0, 10**9)
 TEST_SEEDS = range(10**9, 2 * 10**9)
 MAX_SEED = 2**63 - 1
@@ -97,6 +97,11 @@ class Task:
     prompt: ClassVar[str]
     Config: ClassVar[type]
     palette: ClassVar[np.ndarray]  # (n_colours, 3) float32 in [-1, 1]
+    # True: the first frame fixes one right answer (its posterior mean is that answer, so what the steps add is
+    # computation); False: several answers are right and the noise picks one (mode selection).
+    answer_is_unique: ClassVar[bool] = True
+    # the label that bins instances by difficulty (e.g. path length), or None
+    difficulty_label: ClassVar[str | None] = None
 
     def __init__(self, **params: Any) -> None:
         allowed = [f.name for f in dataclasses.fields(self.Config)]

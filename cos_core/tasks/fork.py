@@ -45,6 +45,8 @@ class ForkTask(MazeTask):
     prompt = "walk to either goal"
     Config = ForkConfig
     palette = PALETTE
+    answer_is_unique = False
+    difficulty_label = None  # maze's bins do not apply; fork's path_len_bin is a label, not a difficulty knob
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _label_classes(self) -> dict[str, int]:

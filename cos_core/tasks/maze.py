@@ -43,7 +43,7 @@ class MazeConfig:
 def check_maze_geometry(cfg: Any, min_size: int) -> None:
     """Frame size, cell pitch and maze size of a maze-like config fit together (ValueError naming what is off)."""
     check_frame_size(cfg.height, cfg.width, cfg.n_frames)
-    check_int("cell_px", cfg.cell_px, 3, 64)
+    check_int("cell_px", cfg.cell_px, 2, 64)
     max_size = (min(cfg.height, cfg.width) - 1) // cfg.cell_px
     if max_size < min_size:
         raise ValueError(f"cell_px={cfg.cell_px} leaves no room for a {min_size}x{min_size} maze in "
@@ -56,6 +56,7 @@ class MazeTask(Task):
     prompt = "solve the maze"
     Config = MazeConfig
     palette = PALETTE
+    difficulty_label = "path_len_bin"
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -212,10 +213,13 @@ class MazeTask(Task):
         iou = len(truth & cells) / len(truth | cells)
         closed = self.closed_walls(inst.meta)
         crossings = len(closed & pair_set(answer.get("trace_links", [])))
+        path = [tuple(cell) for cell in inst.meta["path"]]
+        prefix = next((k for k, cell in enumerate(path) if cell not in cells), len(path))
         return {
             "correct": float(cells == truth and crossings == 0),
             "score": float(iou),
             "cell_iou": float(iou),
+            "prefix": prefix / len(path),  # share of the path traced without a gap from the start
             "walls_kept": len(closed & pair_set(answer.get("walls_last", []))) / max(1, len(closed)),
             "wall_crossings": float(crossings),
             "path_found": float(answer.get("path") is not None),

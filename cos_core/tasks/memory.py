@@ -4,13 +4,16 @@ Owns the trajectory sampler, the drawing and the extractor that finds the object
 frame. The object (one of 4 colour+shape identities) moves at constant speed toward an occluder block spanning its
 lane with random margins, is fully hidden for one or more middle frames and reappears on the far side with the
 same identity, where constant motion puts it. Motion is drawn left-to-right, then rotated: 4 directions.
+`recall` is the same scene with the object *entering* after frame 0 through a grey gate at the canvas edge (which
+fixes its lane, side and so every position): its identity is absent from the first frame (the noise picks it), so
+what must come back after the occluder is content the model generated itself.
 Must not import torch, diffusers or other task modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,6 +41,7 @@ POSITION_TOLERANCE = 1.0  # pixels (L-inf) between read and true centre in a rea
 
 @dataclass(frozen=True)
 class MemoryConfig:
+    ENTER: ClassVar[bool] = False  # the object enters after frame 0 (recall) instead of starting in view
     speed: int = 2  # pixels per frame
     occluder_px: tuple[int, ...] = (6, 8, 10)  # allowed occluder thicknesses
     n_frames: int = 8
@@ -54,23 +58,37 @@ class MemoryConfig:
         object.__setattr__(self, "occluder_px", tuple(self.occluder_px))  # a list from a CLI or JSON config is fine
         for w in self.occluder_px:
             check_int("occluder_px item", w, SPRITE, self.width - 2)
-        if not trajectories(self):
+        if not trajectories(self, self.ENTER):
+            start = "enter after frame 0, be seen fully" if self.ENTER else "start fully visible"
             raise ValueError(
                 f"no trajectory fits speed={self.speed}, occluder_px={self.occluder_px}, n_frames={self.n_frames}, "
-                f"width={self.width}: the object must start fully visible, hide fully, and be fully visible again"
+                f"width={self.width}: the object must {start}, hide fully, and be fully visible again"
             )
 
 
-def trajectories(c: MemoryConfig) -> list[tuple[int, int, int]]:
-    """Every (occluder column, occluder width, first object column) of a left-to-right pass that hides and returns."""
+@dataclass(frozen=True)
+class RecallConfig(MemoryConfig):
+    ENTER: ClassVar[bool] = True
+    speed: int = 3
+    occluder_px: tuple[int, ...] = (6,)
+
+
+def trajectories(c: MemoryConfig, enter: bool = False) -> list[tuple[int, int, int]]:
+    """Every (occluder column, occluder width, first object column) of a left-to-right pass that hides and returns.
+
+    `enter=False`: the object is fully visible in frame 0. `enter=True`: it is just outside the canvas in frame 0
+    (first column -SPRITE, so it shows from frame 1) and fully visible in at least one frame before it hides."""
     out = []
     travel = c.speed * (c.n_frames - 1)
+    starts = [-SPRITE] if enter else None  # entering: frame 1 shows it, so frame 0's gate fixes every position
     for w in c.occluder_px:
         for occ in range(1, c.width - w):
-            for x0 in range(0, occ - SPRITE + 1):
+            for x0 in starts if enter else range(0, occ - SPRITE + 1):
                 xs = x0 + c.speed * np.arange(c.n_frames)
                 hidden = (xs >= occ) & (xs + SPRITE <= occ + w)
-                if x0 + travel + SPRITE <= c.width and x0 + travel >= occ + w and hidden.any():
+                seen_before = (xs >= 0) & (xs + SPRITE <= occ) & (np.arange(c.n_frames) < (np.argmax(hidden)))
+                if x0 + travel + SPRITE <= c.width and x0 + travel >= occ + w and hidden.any() and \
+                        (not enter or seen_before.any()):
                     out.append((occ, w, x0))
     return out
 
@@ -83,7 +101,7 @@ class MemoryTask(Task):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self._trajectories = trajectories(self.config)
+        self._trajectories = trajectories(self.config, self.config.ENTER)
 
     # -- generation ---------------------------------------------------------------------------------------------
     def _label_classes(self) -> dict[str, int]:
@@ -111,19 +129,29 @@ class MemoryTask(Task):
     def _draw(self, spec: dict[str, Any]) -> np.ndarray:
         c = self.config
         video = np.full((c.n_frames, c.height, c.width), BACKGROUND, dtype=np.uint8)
-        mask, lane = SPRITE_MASKS[spec["identity"]], slice(spec["lane"], spec["lane"] + SPRITE)
+        mask, rows = SPRITE_MASKS[spec["identity"]], spec["lane"] + np.arange(SPRITE)
+        if c.ENTER:  # the gate the object will come through: fixes its lane and side, not its identity
+            video[:, rows, 0] = OCCLUDER
         for f, x in enumerate(self._xs(spec)):
-            video[f, lane, x : x + SPRITE][mask] = 2 + spec["identity"]
+            cols = x + np.arange(SPRITE)
+            keep = (cols >= 0) & (cols < c.width)  # an entering object is cut by the canvas edge
+            block = np.ix_(rows, cols[keep])
+            video[f][block] = np.where(mask[:, keep], 2 + spec["identity"], video[f][block])
         top, bottom = spec["occ_rows"]
         video[:, top:bottom, spec["occ"] : spec["occ"] + spec["occ_px"]] = OCCLUDER
         return np.ascontiguousarray(np.rot90(video, spec["turns"], axes=(1, 2)))  # (frame, H, W)
 
     def _visible(self, spec: dict[str, Any]) -> np.ndarray:
-        """Fraction of the object's pixels in view, per frame."""
+        """Fraction of the object's pixels in view (on the canvas and not behind the occluder), per frame."""
         mask = SPRITE_MASKS[spec["identity"]]
         cols = self._xs(spec)[:, None] + np.arange(SPRITE)[None, :]  # (frame, sprite col)
-        behind = (cols >= spec["occ"]) & (cols < spec["occ"] + spec["occ_px"])
-        return 1.0 - (behind * mask.sum(axis=0)[None, :]).sum(axis=1) / mask.sum()
+        unseen = (cols >= spec["occ"]) & (cols < spec["occ"] + spec["occ_px"]) | (cols < 0) | (cols >= self.config.width)
+        return 1.0 - (unseen * mask.sum(axis=0)[None, :]).sum(axis=1) / mask.sum()
+
+    def _behind(self, spec: dict[str, Any]) -> np.ndarray:
+        """Whether the object is wholly behind the occluder, per frame."""
+        xs = self._xs(spec)
+        return (xs >= spec["occ"]) & (xs + SPRITE <= spec["occ"] + spec["occ_px"])
 
     def _centres(self, spec: dict[str, Any]) -> np.ndarray:
         """Object centre (row, col) per frame in the rotated (shown) frame."""
@@ -135,7 +163,7 @@ class MemoryTask(Task):
 
     def _phases(self, spec: dict[str, Any]) -> tuple[list[int], list[int]]:
         visible = self._visible(spec)
-        hidden = np.flatnonzero(visible == 0).tolist()
+        hidden = np.flatnonzero(self._behind(spec)).tolist()
         back = [f for f in range(hidden[-1] + 1, len(visible)) if visible[f] == 1] if hidden else []
         return hidden, back
 
@@ -166,8 +194,11 @@ class MemoryTask(Task):
         hidden, back = self._phases(spec)
         assert hidden, f"object never fully hidden: {spec}"
         assert back, f"object does not come back fully visible after hiding: {spec}"
-        assert self._visible(spec)[0] == 1, f"object not fully visible in frame 0: {spec}"
-        score = grade(self._extract(video), self._meta(spec))
+        if self.config.ENTER:
+            assert self._visible(spec)[0] == 0 and self._meta(spec)["seen_frames"], f"object not entering: {spec}"
+        else:
+            assert self._visible(spec)[0] == 1, f"object not fully visible in frame 0: {spec}"
+        score = self._score_meta(self._extract(video), self._meta(spec))
         assert score["correct"] == 1.0, f"ground truth does not read back: {score} for {spec}"
 
     # -- reading answers ----------------------------------------------------------------------------------------
@@ -186,7 +217,50 @@ class MemoryTask(Task):
         return {"frames": per_frame, "identity": per_frame[-1]["identity"], "centre": per_frame[-1]["centre"]}
 
     def _score(self, answer: dict[str, Any], inst: Instance) -> dict[str, float]:
-        return grade(answer, inst.meta)
+        return self._score_meta(answer, inst.meta)
+
+    def _score_meta(self, answer: dict[str, Any], meta: dict[str, Any]) -> dict[str, float]:
+        return grade(answer, meta)
+
+
+class RecallTask(MemoryTask):
+    """Working memory of generated content: the object enters after frame 0 with an identity the first frame does
+    not show (the noise picks it; every identity is right), hides behind the occluder and must come back as the
+    identity the video itself showed before it hid, where constant motion puts it."""
+
+    name = "recall"
+    prompt = "an object enters, hides behind the wall and comes back"
+    Config = RecallConfig
+    answer_is_unique = False
+
+    def _meta(self, spec: dict[str, Any]) -> dict[str, Any]:
+        hidden, _ = self._phases(spec)
+        seen = [f for f in range(hidden[0]) if self._visible(spec)[f] == 1]
+        return super()._meta(spec) | {"seen_frames": seen, "identity_free": True}
+
+    def _extract(self, frames: np.ndarray) -> dict[str, Any]:
+        answer = super()._extract(frames)
+        first = next((seen["identity"] for seen in answer["frames"] if seen["identity"] is not None), None)
+        return answer | {"identity_first": first}
+
+    def _score_meta(self, answer: dict[str, Any], meta: dict[str, Any]) -> dict[str, float]:
+        """Right when the identity seen before hiding comes back, and the object is where constant motion puts it
+        in every frame where it is fully in view; `consistent` ignores positions. The drawn identity of the
+        instance does not matter: the first frame does not show it."""
+        read = answer.get("frames", [])
+        before = [read[f]["identity"] if f < len(read) else None for f in meta["seen_frames"]]
+        identity = before[0] if before and before[0] is not None and len(set(before)) == 1 else None
+        graded = grade(answer, dict(meta, identity=identity))
+        in_view = grade(answer, dict(meta, identity=identity, reappear_frames=meta["seen_frames"]))
+        return graded | {
+            "correct": float(identity is not None and graded["correct"] == 1.0 and in_view["correct"] == 1.0),
+            "consistent": float(identity is not None and graded["identity_ok"] == 1.0),
+            "identity": float(-1 if identity is None else identity),
+        }
+
+    def outcome_labels(self, answer: dict[str, Any]) -> dict[str, int | None]:
+        """`identity`: the identity the video gave the object when it first showed it (chosen by the noise)."""
+        return {"identity": answer.get("identity_first")}
 
 
 def grade(answer: dict[str, Any], truth: dict[str, Any]) -> dict[str, float]:
