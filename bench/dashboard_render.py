@@ -33,8 +33,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from cos_core import dashboard_data as dd  # noqa: E402
-from cos_core.archive import SCHEMA_VERSION, Archive, list_runs  # noqa: E402
-from cos_core.archive_writer import RunWriter  # noqa: E402
+from cos_core.archive import Archive, list_runs  # noqa: E402
+from cos_core.archive.schema import SCHEMA_VERSION  # noqa: E402
+from cos_core.archive.writer import RunWriter  # noqa: E402
 from views.shared import RENDER_SECONDS  # noqa: E402
 
 PAGES = ["overview", "steps", "layers", "probes", "self_correction", "working_memory", "interventions", "ensemble",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import families as fam
-from .archive import BRANCHES, STEP_TENSORS, act_key, token_key
+from .archive.schema import BRANCHES, STEP_TENSORS, act_key, token_key
 from .context_parallel import check_tokens, gather_tokens
 from .reductions import DEFAULT, Reducer, check_reduction, reduced_shape
 from .selection import select

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .archive import BRANCHES, STEP_TENSORS
+from .archive.schema import BRANCHES, STEP_TENSORS
 from .reductions import HELP as REDUCTION_HELP
 
 DEFAULT_RUNS_DIR = "cached_runs"

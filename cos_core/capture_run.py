@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import families as fam
-from .archive_writer import RunWriter
+from .archive.writer import RunWriter
 from .capture import Capturer, CaptureSpec
 from .distributed import Ranks, from_env
 from .selection import select

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .archive import MANIFEST, Archive, ArchiveError, check_name
+from .archive import Archive, ArchiveError
+from .archive.schema import MANIFEST, check_name
 
 RUNS_ENV = "COS_RUNS_DIR"
 DEFAULT_RUNS_DIR = "cached_runs"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cos_core.archive import act_key, token_key
+from cos_core.archive.schema import act_key, token_key
 from cos_core.capture import SITE, Capturer, CaptureSpec
 from cos_core.reductions import Reducer
 

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import PARTIAL_SUFFIX, PROVENANCE_KEYS, Archive, ArchiveError, shard_name
+from cos_core.archive import Archive, ArchiveError
+from cos_core.archive.schema import PARTIAL_SUFFIX, PROVENANCE_KEYS, shard_name
 from cos_core.capture import CaptureSpec
 from cos_core.capture_run import WorkItem, capture_run
 from cos_core.cli import build_parser, main

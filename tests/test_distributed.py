@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import PROVENANCE_KEYS, Archive
+from cos_core.archive import Archive
+from cos_core.archive.schema import PROVENANCE_KEYS
 from cos_core.capture import CaptureSpec
 from cos_core.capture_run import WorkItem, capture_run
 from cos_core.distributed import Ranks

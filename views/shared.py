@@ -20,7 +20,8 @@ import pandas as pd
 import streamlit as st
 
 from cos_core import dashboard_data as dd
-from cos_core.archive import DERIVED_DIR, Archive, ArchiveError, check_name, list_runs
+from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive.schema import DERIVED_DIR, check_name
 
 APP_DIR = Path(__file__).resolve().parent.parent
 URL_KEYS = "_cos_url_keys"   # session key: the widget keys mirrored into the URL during this run

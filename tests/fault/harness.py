@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cos_core.archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, PROVENANCE_KEYS, SAMPLES, SHARD_DIR, Archive,
-                              ArchiveError, list_runs, shard_name)
-from cos_core.archive_writer import FAULT_ENV, FAULT_POINTS
+from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive.schema import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, PROVENANCE_KEYS, SAMPLES, SHARD_DIR,
+                                     shard_name)
+from cos_core.archive.writer import FAULT_ENV, FAULT_POINTS
 
 REPO = Path(__file__).resolve().parents[2]
 # tiny Wan 2.1, 4 steps, both layers' reductions, one token pair: ~0.1 s per sample on one thread
@@ -100,10 +101,10 @@ def _child(argv: list[str], fault: str | None, log: str) -> None:
 
     torch.set_num_threads(1)
     tqdm.tqdm.set_lock(threading.RLock())  # tqdm's default lock is a multiprocessing one a SIGKILL would leak
-    from cos_core import archive_writer
+    from cos_core.archive import writer
     from cos_core.cli import main
 
-    archive_writer._FAULT = fault
+    writer._FAULT = fault
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
