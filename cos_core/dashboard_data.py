@@ -108,7 +108,7 @@ def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """The samples two runs share (same `sample_id`: same task instance and seed), with each run's discrete answer
     (`answer_key`: maze path, memory identity, choice index, fork goal; null when unreadable) and correctness side
     by side; `changed` marks a different discrete answer. Empty when they share none or are unscored."""
-    from .analysis.step_frames import answer_key
+    from .tasks import TASKS, Task
 
     cols = ["sample_id", "instance", "seed", "answer_a", "answer_b", "correct_a", "correct_b", "changed"]
     need = {"sample_id", "answer", "score_correct"}
@@ -117,7 +117,7 @@ def paired_outcomes(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
     def keys(table: pd.DataFrame) -> pd.Series:
         tasks = table["task"] if "task" in table else pd.Series("", index=table.index)
-        return pd.Series([answer_key(str(t), json.loads(x)) if isinstance(x, str) and x else None
+        return pd.Series([TASKS.get(str(t), Task).answer_key(json.loads(x)) if isinstance(x, str) and x else None
                           for t, x in zip(tasks, table["answer"])], index=table.index, dtype=object)
 
     left = a[["sample_id", "instance", "seed", "score_correct"]].assign(answer=keys(a))

@@ -3,7 +3,7 @@
 Owns `InterventionConfig`, `Job` (one sample under one intervention), the batched executor that runs many jobs
 through one pipeline call (noise mixed into the latent from the step callback, block outputs recorded or replaced by
 forward hooks removed in `finally`), `run_interventions` and the `interventions` / `interventions_samples` tables.
-The propagation map's table is `cos_core.propagation`. Imports torch (through `Replay`); never streamlit.
+The propagation map's table is `cos_core.analysis.propagation`. Imports torch (through `Replay`); never streamlit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 from .capture_run import WorkItem
-from .propagation import MIN_SAMPLES, propagation_table
+from .analysis.propagation import MIN_SAMPLES, propagation_table
 from .replay import Replay, held_out_instances
 
 log = logging.getLogger(__name__)

@@ -75,12 +75,10 @@ class Replay:
 
     def score(self, item: WorkItem, final: np.ndarray) -> dict[str, Any]:
         """`correct` (bool), `score` (float) and `answer_key` (the discrete answer, None if unreadable)."""
-        from .analysis.step_frames import answer_key
-
         answer = self.task.extract(final)
         scores = self.task.score(answer, self.instance(item))
         return {"correct": bool(scores["correct"]), "score": float(scores["score"]),
-                "answer_key": answer_key(self.task.name, answer)}
+                "answer_key": self.task.answer_key(answer)}
 
 
 def held_out_instances(first: int, n: int) -> list[int]:

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from cos_core import intervene_cli  # noqa: E402
 from cos_core.interventions import (InterventionConfig, Job, mark_flips, noise_seed, partners,  # noqa: E402
                                     run_batch, run_interventions, summarise)
-from cos_core.propagation import propagation_table  # noqa: E402
+from cos_core.analysis.propagation import propagation_table  # noqa: E402
 from cos_core.replay import load_replay  # noqa: E402
 
 STEPS = 4

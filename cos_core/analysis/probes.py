@@ -248,14 +248,3 @@ def majority_predictions(y: np.ndarray, folds: np.ndarray, n_folds: int) -> np.n
         for t in range(len(y)):
             out[t, test] = np.bincount(y[t, train]).argmax()
     return out
-
-
-def standardize_np(x: np.ndarray) -> np.ndarray:
-    """(sample, feature) -> mean 0, std 1 per feature over all samples; near-constant features become 0."""
-    x = x.astype(np.float64)
-    mean, std = x.mean(0), x.std(0)
-    keep = std > STD_FLOOR * max(float(std.max()), 1e-30)
-    return np.where(keep, (x - mean) / np.where(keep, std, 1.0), 0.0)
-
-
-STD_FLOOR = 1e-6  # a feature whose std is below this fraction of the largest std counts as constant
