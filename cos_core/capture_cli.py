@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .archive.schema import BRANCHES, STEP_TENSORS
-from .reductions import HELP as REDUCTION_HELP
+from .capture.reductions import HELP as REDUCTION_HELP
 
 DEFAULT_RUNS_DIR = "cached_runs"
 
@@ -116,12 +116,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .capture_run import capture_run
-    from .context_parallel import ContextParallel
-    from .context_parallel import enable as enable_context_parallel
-    from .distributed import from_env
-    from .families import experts
-    from .model_sources import load_source
+    from .capture.run import capture_run
+    from .capture.context_parallel import ContextParallel
+    from .capture.context_parallel import enable as enable_context_parallel
+    from .capture.distributed import from_env
+    from .capture.families import experts
+    from .capture.sources import SourceConfig, load_source
+    from .ensemble import MergeSpec, merged_capture
 
     cp = ContextParallel(ring=args.ring_degree, ulysses=args.ulysses_degree)
     cp.check_world(int(os.environ.get("WORLD_SIZE", "1")))
@@ -141,7 +142,16 @@ def run(args: argparse.Namespace) -> int:
     ranks = from_env(cp.size, cuda=cuda)
     spec = _spec(args)
     seeds = _seeds(args.seeds)
-    source = load_source(args, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
+    merge = MergeSpec.parse(args.ensemble) if args.ensemble is not None else None
+    config = SourceConfig(model=args.model, task=args.task, instances=args.instances,
+                          first_instance=args.first_instance, prompts=tuple(args.prompt or ()), vbvr=args.vbvr,
+                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                          height=args.height, width=args.width, num_frames=args.num_frames,
+                          cpu_offload=args.cpu_offload, device_map=args.device_map,
+                          members=merge.n if merge is not None else None)
+    source = load_source(config, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
+    if merge is not None:
+        source = merged_capture(source, merge)
     if cp.enabled:
         enable_context_parallel(source.pipe, cp, ranks.world, attention_backend=args.attention_backend)
     elif args.attention_backend:

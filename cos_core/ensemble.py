@@ -9,6 +9,7 @@ the noise-mean control, the sweep over (method, K, n) that scores member 0's fin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -20,7 +21,8 @@ import pandas as pd
 import torch
 
 from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
-from .capture_run import WorkItem
+from .capture.run import WorkItem
+from .capture.sources import Source
 from .replay import ORGANISM_DIR, Replay, held_out_instances
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,45 @@ def merged_steps(scheduler: Any, method: str, k: int, n: int) -> Iterator[None]:
             scheduler.step = previous
         else:
             del scheduler.step
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A latent ensemble to capture (`cos capture --ensemble METHOD:K:N`): each work item runs as n members (seeds
+    seed, seed + 1, ...) merged by `method` during the first k steps; member 0 is recorded."""
+
+    method: str
+    k: int
+    n: int
+
+    @classmethod
+    def parse(cls, text: str) -> "MergeSpec":
+        """'METHOD:K:N' (e.g. 'mean_x0_hat:4:4'); ValueError naming what is allowed."""
+        parts = text.split(":")
+        try:
+            method, k, n = parts[0], int(parts[1]), int(parts[2])
+            if len(parts) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(f"--ensemble {text!r} must be METHOD:K:N, e.g. mean_x0_hat:4:4") from None
+        if method not in MERGES or k < 0 or n < 1:
+            raise ValueError(f"--ensemble {text!r}: METHOD one of {', '.join(MERGES)}, K >= 0 merged steps, N >= 1 "
+                             "seeds")
+        return cls(method, k, n)
+
+
+def merged_capture(source: Source, spec: MergeSpec) -> Source:
+    """`source`, the organism loaded with `SourceConfig(members=spec.n)`, captured as latent ensembles: merging wraps
+    the capture (`Source.around`), and the run id and manifest (`config.ensemble`) say which ensemble it was."""
+    assert source.members == spec.n, f"load the source with members={spec.n}, not {source.members}"
+    steps = source.call_kwargs["num_inference_steps"]
+    if spec.k > steps:
+        raise ValueError(f"--ensemble {spec.method}:{spec.k}:{spec.n} merges {spec.k} steps of only {steps}")
+    extra = {**source.extra, "ensemble": {"method": spec.method, "k": spec.k, "n": spec.n, "captured_member": 0,
+                                          "member_seeds": "seed + m for member m = 0..n-1"}}
+    run_id = f"organism-{source.extra['task']}-{spec.method}-k{spec.k}-n{spec.n}-{len(source.items)}x{steps}"
+    return replace(source, extra=extra, default_run_id=run_id,
+                   around=functools.partial(merged_steps, source.pipe.scheduler, spec.method, spec.k, spec.n))
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------------

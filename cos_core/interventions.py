@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
-from .capture_run import WorkItem
+from .capture.run import WorkItem
 from .analysis.propagation import MIN_SAMPLES, propagation_table
 from .replay import Replay, held_out_instances
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .archive import Archive
-from .capture_run import WorkItem
+from .capture.run import WorkItem
+from .capture.sources import ORGANISM_DIR
 from .tasks import Instance, Task
 
 log = logging.getLogger(__name__)
-ORGANISM_DIR = Path(__file__).resolve().parent.parent / "models" / "organism"
 Callback = Callable[[Any, int, Any, dict], dict]
 
 

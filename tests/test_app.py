@@ -33,20 +33,22 @@ ANALYSIS = {"probes": "probe_grid", "self_correction": "events", "working_memory
 
 # ---- archives --------------------------------------------------------------------------------------------------
 def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0, ensemble: str | None = None) -> Archive:
-    import argparse
-
     import torch
 
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import capture_run
-    from cos_core.model_sources import organism_source
+    from cos_core.capture.run import capture_run
+    from cos_core.capture.sources import SourceConfig, organism_source
+    from cos_core.ensemble import MergeSpec, merged_capture
     from cos_core.organism.pipeline import build_pipeline
 
     if not (model_dir / "model_index.json").is_file():
         torch.manual_seed(0)
         build_pipeline("tiny").save_pretrained(model_dir)
-    args = argparse.Namespace(task=task, instances=2, first_instance=first, num_inference_steps=4, ensemble=ensemble)
-    src = organism_source(args, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    merge = MergeSpec.parse(ensemble) if ensemble else None
+    config = SourceConfig(task=task, instances=2, first_instance=first, num_inference_steps=4,
+                          members=merge.n if merge else None)
+    src = organism_source(config, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    src = merged_capture(src, merge) if merge else src
     spec = CaptureSpec(reductions=("frame_mean", "token_norm"), steps="0:4:2", store_dtype="float16")  # as shipped
     with src.around():
         return Archive.open(capture_run(src.pipe, src.items, spec, runs_dir=runs,
@@ -58,8 +60,8 @@ def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0, en
 
 def _capture_tiny(runs: Path, family: str, decode: bool) -> Path:
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import WorkItem, capture_run
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.run import WorkItem, capture_run
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     case = build_tiny(family)
     call = {k: v for k, v in case.call_kwargs.items() if k != "output_type"}

@@ -24,7 +24,7 @@ from cos_core.archive.schema import (CAPTURE, MANIFEST, REQUIRED_KEYS, SAMPLES, 
                                      shard_name, token_key)
 from cos_core.archive.writer import RunExistsError, RunWriter
 from cos_core.capture import SITE, Capturer, CaptureSpec
-from cos_core.capture_run import WorkItem, capture_run
+from cos_core.capture.run import WorkItem, capture_run
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = CaptureSpec(layers="1", steps="0,2", reductions=("frame_mean", "token_norm", "pool2", "proj3"),

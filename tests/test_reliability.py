@@ -26,7 +26,7 @@ from cos_core.archive.manifest import read_manifest
 from cos_core.archive.schema import MANIFEST, PARTIAL_MANIFEST, SAMPLES, act_key, shard_name, token_key
 from cos_core.archive.writer import RunWriter
 from cos_core.capture import SITE, CaptureSpec
-from cos_core.capture_run import WorkItem, capture_run
+from cos_core.capture.run import WorkItem, capture_run
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = CaptureSpec(reductions=("frame_mean", "token_norm"), tokens=((1, 2),))

@@ -2,7 +2,6 @@
 runs directory, and watch its steps. Needs torch + diffusers and the organism weights; imports them only here,
 only when they are present."""
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -46,14 +45,13 @@ if go:
     import torch
 
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import capture_run
-    from cos_core.model_sources import organism_source
+    from cos_core.capture.run import capture_run
+    from cos_core.capture.sources import SourceConfig, organism_source
 
-    args = argparse.Namespace(task=task, instances=1, first_instance=int(instance), num_inference_steps=int(n_steps),
-                              guidance_scale=None, height=None, width=None, num_frames=None)
+    config = SourceConfig(task=task, instances=1, first_instance=int(instance), num_inference_steps=int(n_steps))
     bar = st.progress(0.0, text="loading the organism")
     try:
-        source = organism_source(args, device="cpu", dtype=torch.float32, seeds=list(range(int(n_seeds))),
+        source = organism_source(config, device="cpu", dtype=torch.float32, seeds=list(range(int(n_seeds))),
                                  model_dir=model_dir)
         runs_dir = Path(tempfile.mkdtemp(prefix="cos-live-"))
         total = len(source.items)

@@ -4,7 +4,7 @@ transformer (random weights) for GPU benchmarks.
 Owns model construction only: every family in `TINY_FAMILIES` is the genuine diffusers pipeline class built in code
 with fixed seeds, text encoders bypassed by passing `prompt_embeds`, a real but tiny VAE, and `output_type="latent"`.
 Sizes follow diffusers' own `get_dummy_components`; pixel sizes are non-square so row/col mix-ups show in tests.
-Must not import capture, archive, analysis or streamlit; nothing here reaches a model hub.
+Must not import the rest of capture, archive, analysis or streamlit; nothing here reaches a model hub.
 """
 
 from __future__ import annotations

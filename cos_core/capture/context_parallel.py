@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .hooks import patched
+
 log = logging.getLogger(__name__)
 
 
@@ -49,19 +51,12 @@ class ContextParallel:
                              f"launch with torchrun --nproc_per_node={self.size} (or a multiple)")
 
 
-@contextlib.contextmanager
-def _cpu_device_count():
+def _cpu_device_count() -> contextlib.AbstractContextManager:
     """diffusers picks the mesh device as `rank % torch.accelerator.device_count()`, which divides by zero on a
     machine without an accelerator; on such a machine count the CPU as one device while it builds the mesh."""
     if torch.accelerator.device_count() > 0:
-        yield
-        return
-    original = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = original
+        return contextlib.nullcontext()
+    return patched(torch.accelerator, "device_count", lambda original: lambda: 1)
 
 
 def enable(pipe: Any, cp: ContextParallel, world: int, *, attention_backend: str | None = None) -> None:
