@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from .capture.distributed import from_env
     from .capture.families import experts
     from .capture.sources import SourceConfig, load_source
-    from .ensemble import MergeSpec, merged_capture
+    from .experiments.merge import MergeSpec, merged_capture
 
     cp = ContextParallel(ring=args.ring_degree, ulysses=args.ulysses_degree)
     cp.check_world(int(os.environ.get("WORLD_SIZE", "1")))

@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .ensemble import METHODS
+    from .experiments.ensemble import METHODS
 
     p.add_argument("run", help="an organism task run: a directory, or a run id under --runs-dir")
     p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help=f"default {DEFAULT_RUNS_DIR}")
@@ -47,7 +47,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .ensemble import EnsembleConfig
+    from .experiments.ensemble import EnsembleConfig
 
     if args.first_instance is not None and args.instances is None:
         raise ValueError("--first-instance needs --instances (without it the run's own instances are measured)")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .archive import Archive
-    from .ensemble import SAMPLES_TABLE, TABLE, ensemble_run
+    from .experiments.ensemble import SAMPLES_TABLE, TABLE, ensemble_run
 
     config = config_from_args(args)
     path = Path(args.run)

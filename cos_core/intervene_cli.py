@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .interventions import KINDS
+    from .experiments.interventions import KINDS
 
     p.add_argument("run", help="run directory, or run id under --runs-dir (an organism task run)")
     p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help=f"default {DEFAULT_RUNS_DIR}")
@@ -60,7 +60,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...] | None:
 
 
 def _config(args: argparse.Namespace):
-    from .interventions import KINDS, InterventionConfig
+    from .experiments.interventions import KINDS, InterventionConfig
 
     which = tuple(x.strip() for x in args.which.split(",") if x.strip()) or KINDS
     swap = _ints(args.swap_step, "--swap-step")
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .archive import Archive
-    from .interventions import run_interventions, with_instances
-    from .replay import load_replay
+    from .experiments.interventions import run_interventions, with_instances
+    from .experiments.replay import load_replay
 
     config = _config(args)  # bad flags fail before any weights are loaded
     if args.first_instance is not None and args.instances is None:

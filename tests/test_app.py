@@ -38,7 +38,7 @@ def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0, en
     from cos_core.capture import CaptureSpec
     from cos_core.capture.run import capture_run
     from cos_core.capture.sources import SourceConfig, organism_source
-    from cos_core.ensemble import MergeSpec, merged_capture
+    from cos_core.experiments.merge import MergeSpec, merged_capture
     from cos_core.organism.pipeline import build_pipeline
 
     if not (model_dir / "model_index.json").is_file():

@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cos_core.ensemble import (  # noqa: E402
-    MERGES, EnsembleConfig, MergeSpec, group_mean, member_items, merged_capture, merged_steps, noise_mean_start,
-    run_ensemble)
-from cos_core.replay import load_replay  # noqa: E402
+from cos_core.experiments.ensemble import EnsembleConfig, member_items, run_ensemble  # noqa: E402
+from cos_core.experiments.merge import (  # noqa: E402
+    MERGES, MergeSpec, group_mean, merged_capture, merged_steps, noise_mean_start)
+from cos_core.experiments.replay import load_replay  # noqa: E402
 
 ATOL = 1e-5  # batches of different sizes may take different kernels, and a mean of 3 equal floats can round
 
@@ -207,7 +207,7 @@ def test_sweep_tables_are_consistent_and_intervals_hold_the_accuracy(choice_repl
 
 
 def test_agreement_counts_other_members_with_member_0s_readable_answer():
-    from cos_core.ensemble import _row
+    from cos_core.experiments.ensemble import _row
 
     def inst(*keys):
         return {"instance": 7, "scores": [{"correct": True, "score": 1.0, "answer_key": k} for k in keys]}

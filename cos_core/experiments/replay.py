@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .archive import Archive
-from .capture.run import WorkItem
-from .capture.sources import ORGANISM_DIR
-from .tasks import Instance, Task
+from ..archive import Archive
+from ..capture.run import WorkItem
+from ..capture.sources import ORGANISM_DIR
+from ..tasks import Instance, Task
 
 log = logging.getLogger(__name__)
 Callback = Callable[[Any, int, Any, dict], dict]
@@ -83,7 +83,7 @@ class Replay:
 
 def held_out_instances(first: int, n: int) -> list[int]:
     """The task's held-out instance seeds TEST_SEEDS[first:first + n] (never seen in training), validated."""
-    from .tasks import TEST_SEEDS
+    from ..tasks import TEST_SEEDS
 
     if n < 1 or first < 0:
         raise ValueError(f"--instances {n} must be >= 1 and --first-instance {first} >= 0")
@@ -98,8 +98,8 @@ def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "
 
     `model_dir` defaults to the shipped organism (the manifest's own path is from the machine that made the run);
     ValueError when the run is not an organism task run or the weights are missing."""
-    from .analysis.step_frames import run_tasks, task_for
-    from .organism.pipeline import OrganismPipeline
+    from ..analysis.step_frames import run_tasks, task_for
+    from ..organism.pipeline import OrganismPipeline
 
     archive = archive if isinstance(archive, Archive) else Archive.open(archive)
     source = str(archive.manifest.get("model", {}).get("source", ""))
