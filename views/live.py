@@ -10,8 +10,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from cos_core import dashboard_data as dd
 from cos_core import plots
+from cos_core.frames import frames_table, grid_steps, n_video_frames, x0_frames
 from views import shared
 
 MODEL_ENV = "COS_ORGANISM_DIR"
@@ -77,13 +77,13 @@ if LIVE_RUN in st.session_state:
     with shared.guard():
         archive = shared.open_live(Path(st.session_state[LIVE_RUN]))
         table = shared.samples(archive)
-        labels = {int(r["sample"]): dd.sample_label(r) for _, r in table.iterrows()}
+        labels = {int(r["sample"]): shared.sample_label(r) for _, r in table.iterrows()}
         sample = st.selectbox("sample", list(labels), format_func=labels.get, key="live_sample")
-        steps = dd.grid_steps(archive)
-        frames = shared.cached(dd.x0_frames, archive, sample, tuple(steps), tuple(range(dd.n_video_frames(archive))))
+        steps = grid_steps(archive)
+        frames = shared.cached(x0_frames, archive, sample, tuple(steps), tuple(range(n_video_frames(archive))))
         sigma = dict(zip(archive.steps["step"], archive.steps["sigma"]))
         row = table.set_index("sample").loc[sample]
         verdict = {1.0: "correct", 0.0: "wrong"}.get(row.get("score_correct"), "not scored")
         st.caption(f"{archive.run_id}: {row.get('sample_id', '')}, final answer {verdict}")
-        shared.show(plots.steps_animation, (frames,), lambda: dd.frames_table(frames, sigma), "live-play")
-        shared.show(plots.steps_grid, (frames, sigma), lambda: dd.frames_table(frames, sigma), "live-grid")
+        shared.show(plots.steps_animation, (frames,), lambda: frames_table(frames, sigma), "live-play")
+        shared.show(plots.steps_grid, (frames, sigma), lambda: frames_table(frames, sigma), "live-grid")
