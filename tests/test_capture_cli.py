@@ -22,7 +22,8 @@ from cos_core.archive import Archive, ArchiveError
 from cos_core.archive.schema import PARTIAL_SUFFIX, PROVENANCE_KEYS, shard_name
 from cos_core.capture import CaptureSpec
 from cos_core.capture.run import WorkItem, capture_run
-from cos_core.cli import build_parser, main
+from cos_core.cli import main
+from cos_core.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = CaptureSpec(layers="0", reductions=("frame_mean", "token_norm"), tokens=((1, 3),))

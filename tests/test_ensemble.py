@@ -228,7 +228,7 @@ def test_config_refuses_bad_values():
 
 
 def cli_args(run, model_dir, *extra):
-    from cos_core import ensemble_cli
+    from cos_core.cli import ensemble as ensemble_cli
 
     parser = argparse.ArgumentParser()
     ensemble_cli.add_arguments(parser)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cos_core import intervene_cli  # noqa: E402
+from cos_core.cli import intervene as intervene_cli  # noqa: E402
 from cos_core.experiments.interventions import (InterventionConfig, Job, mark_flips, noise_seed,  # noqa: E402
                                                 partners, run_batch, run_interventions, summarise)
 from cos_core.analysis.propagation import propagation_table  # noqa: E402

@@ -30,7 +30,7 @@ from cos_core.archive.writer import FAULT_ENV, FAULT_POINTS
 REPO = Path(__file__).resolve().parents[2]
 # tiny Wan 2.1, 4 steps, both layers' reductions, one token pair: ~0.1 s per sample on one thread
 CAPTURE = ("--model", "tiny:wan_t2v", "--num-inference-steps", "4", "--tokens", "1:3")
-PRELOAD = ["torch", "diffusers", "tqdm", "cos_core.cli", "cos_core.capture_cli", "cos_core.capture.run",
+PRELOAD = ["torch", "diffusers", "tqdm", "cos_core.cli", "cos_core.cli.capture", "cos_core.capture.run",
            "cos_core.capture.sources", "cos_core.capture.tiny_pipelines"]
 ALREADY_COMPLETE = "a complete run already exists"
 
