@@ -1,10 +1,8 @@
-"""The reference probe engine: scikit-learn estimators fitted one (cell, fold, label) at a time.
-
-Owns the mapping of `probes.ProbeGrid`'s objective onto scikit-learn: ``LogisticRegression(C=1/(alpha n))``
-(``2/(alpha n)`` when a training part holds two classes, since scikit-learn then fits one weight vector rather than
-two symmetric ones) and ``RidgeClassifier(alpha=alpha n)``, n = training samples of the fold. Slow and simple on
-purpose: it is what the batched torch engine is checked against. Imports numpy, scikit-learn and `stats`; never
-`probes`, which calls this engine.
+"""The reference probe engine, slow and simple on purpose (the batched torch engine is checked against it): one
+scikit-learn estimator per (cell, fold, label), ``LogisticRegression(C=1/(alpha n))`` (``2/(alpha n)`` when a training
+part holds two classes: scikit-learn then fits one weight vector, not two symmetric ones) or
+``RidgeClassifier(alpha=alpha n)``, n = training samples of the fold, minimising `probes.ProbeGrid`'s objective.
+Imports numpy, scikit-learn and `stats`; never `probes`, which calls this engine.
 """
 
 from __future__ import annotations

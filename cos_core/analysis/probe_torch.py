@@ -1,11 +1,9 @@
-"""The batched probe engine: every (cell, fold, label) problem of a probe grid fitted at once with torch.
-
-Owns the kernel (dual) form of the two probe objectives of `probes.ProbeGrid`: per cell one Gram matrix of the
-standardised features, per fold its training block centred on the training mean, one SPD inverse per (cell,
-fold) shared by all labels and their control tasks; ridge is then closed form (plus two refinement steps),
-logistic regression runs Boehning's bound-Hessian MM steps with Nesterov momentum and adaptive restart. On CUDA the
-inverse is a recursive block (Schur complement) inversion made of matrix products. Imports torch and `stats` (the
-standardisation rule); never `probes`, which calls this engine.
+"""The batched probe engine: every (cell, fold, label) problem of a `probes.ProbeGrid` fitted at once with torch, in
+kernel (dual) form: per cell one Gram matrix of the standardised features, per fold its training block centred on the
+training mean, one SPD inverse per (cell, fold) shared by all labels and their control tasks; ridge is then closed form
+(plus two refinement steps), logistic regression Boehning's bound-Hessian MM steps with Nesterov momentum and adaptive
+restart. On CUDA the inverse is a recursive block (Schur complement) inversion made of matrix products.
+Imports torch and `stats` (the standardisation rule); never `probes`, which calls this engine.
 """
 
 from __future__ import annotations

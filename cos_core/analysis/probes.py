@@ -1,10 +1,9 @@
 """Linear probes for every (layer, step) cell at once: one estimator, two engines, honest cross-validation.
 
-Owns the `ProbeGrid` estimator (scikit-learn contract: hyper-parameters in ``__init__``, data in ``fit``, fitted
-attributes end in ``_``), folds grouped by task instance (no instance in two folds, stratified by instance label),
-control tasks (Hewitt & Liang 2019), chance level and bootstrap intervals over instances. The engines live in
-`probe_torch.py` (batched, GPU when there is one) and `probe_sklearn.py` (reference). Must not import streamlit;
-torch and scikit-learn are imported only by the engine that is used.
+Owns `ProbeGrid` (scikit-learn contract: hyper-parameters in ``__init__``, data in ``fit``, fitted attributes end in
+``_``), folds grouped by task instance (stratified by label), control tasks (Hewitt & Liang 2019), chance level and
+bootstrap intervals over instances. Engines: `probe_torch.py` (batched, GPU) and `probe_sklearn.py` (reference),
+imported only when used, as are torch and scikit-learn. Must not import streamlit, capture or experiments.
 """
 
 from __future__ import annotations

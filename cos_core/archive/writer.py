@@ -1,10 +1,8 @@
-"""Writing a run archive atomically and resumably (the schema is in `schema.py`'s docstring).
-
-Owns the ``<run_id>.partial`` working directory, shard writes (temp file, fsync, rename), resume checks, the final
-publish (samples table, the `Manifest` built from its producers' parts and written last, directory rename) and
-`atomic_write`. Imports numpy/pandas/safetensors and `schema`/`manifest` only: never the reader, capture or torch.
-Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs the process at the n-th arrival at one of
-`FAULT_POINTS` (docs/reliability.md); unset, each point costs one global look-up.
+"""Writing a run archive atomically and resumably: the ``<run_id>.partial`` directory, shard writes (temp file,
+fsync, rename), resume checks, the final publish (samples table, the `Manifest` built from its producers' parts and
+written last, directory rename) and `atomic_write`. Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs
+the process at the n-th arrival at one of `FAULT_POINTS` (docs/reliability.md); unset, each costs one look-up.
+Imports numpy/pandas/safetensors and `schema`/`manifest` only: never the reader, capture or torch.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Hooks that record a diffusers video pipeline step by step without changing what it generates.
 
 Owns `CaptureSpec` (what to record) and `Capturer`, a context manager that wraps `scheduler.step` (x_t, guided v̂,
-x̂0, σ, t), follows each expert's CFG branch and hooks every transformer block (hidden states, reduced on the
-device), all through `hooks.py` and all removed in `finally`. The step index comes from the pipeline's own loop
-through `callback_on_step_end`; hooks only predict it and the callback checks the prediction. Imports torch, never
-streamlit, experiments or analysis; diffusers only through the pipeline object it is given.
+x̂0, σ, t), follows each expert's CFG branch and hooks every block (hidden states reduced on the device), all through
+`hooks.py`, removed in `finally`. The step index comes from the pipeline's `callback_on_step_end`; hooks only predict
+it. Imports torch; diffusers only through the pipeline it is given; never streamlit, analysis or experiments.
 """
 
 from __future__ import annotations
