@@ -266,7 +266,7 @@ def test_paired_outcomes_match_on_sample_id_only():
     assert paired["sample_id"].tolist() == ["y", "z"] and paired["changed"].tolist() == [True, False]
     assert paired["answer_a"].tolist() == ["1", "1"] and paired["answer_b"].tolist() == ["0", "1"]
     assert outcome_counts(paired) == {"shared samples": 2, "accuracy A": 0.5, "accuracy B": 1.0,
-                                         "fixed by B": 1, "broken by B": 0, "answer changed": 1}
+                                      "fixed by B": 1, "broken by B": 0, "answer changed": 1}
     assert paired_outcomes(a.drop(columns="answer"), b).empty
     b.loc[1, "score_correct"] = float("nan")  # z unscored in B: paired, but left out of accuracy and flips
     counts = outcome_counts(paired_outcomes(a, b))

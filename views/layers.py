@@ -28,7 +28,7 @@ with shared.guard():
         grid = shared.cached(token_norm_grid, archive, site, sample, step, branch)  # (layer, frame, row, col)
         n_frames = grid.shape[1]
         shown = spread(list(range(n_frames)), shared.slider("frames in the grid", list(range(1, n_frames + 1)),
-                                                               "cols", default=min(n_frames, 8)))
+                                                            "cols", default=min(n_frames, 8)))
         shared.show(plots.token_norm_mosaic, (grid[:, shown], info["layers"], shown, step),
                     lambda: token_norm_table(grid, info["layers"]), f"{archive.run_id}-token-norm-s{step}")
         frames = list(range(n_frames))
