@@ -1,9 +1,8 @@
-"""x̂0 and the final video as pixels: which frames a run can show, thumbnails sliced from the archive, long tables
-of them for downloads, nearest-neighbour upscaling and GIF encoding (what `plots` and the Steps/Compare/Live pages need).
+"""x̂0 and the final video as pixels: which frames a run can show, thumbnails sliced from the archive (memory follows
+the thumbnails, not the run), long tables of them for downloads, upscaling and GIFs (what `plots` and pages need).
 
 Owns the rule "how x̂0 becomes pixels" (decoded frames, else pixel-space latents, else latent channels 0-2). Imports
-numpy/pandas/PIL and the archive reader only: never streamlit, torch, diffusers, analysis or plots. Reads are sliced
-so memory follows the thumbnails, not the run.
+numpy/pandas/PIL and the archive reader only: never streamlit, torch, diffusers, analysis or plots.
 """
 
 from __future__ import annotations

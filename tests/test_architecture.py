@@ -132,7 +132,8 @@ def test_argparse_is_imported_only_by_the_cli():
 
 
 def test_every_module_says_what_it_owns_in_a_docstring():
-    missing = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
+    missing = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
+               if not ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))]
     assert not missing, missing
 
 

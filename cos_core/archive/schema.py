@@ -11,7 +11,7 @@ Schema (``SCHEMA_VERSION`` = 1)::
         by the writer:     schema_version* (1), complete* (true), run_id*, n_samples*, shards* [relative paths]
         by capture, the same for every sample (the shard layout):
                            steps* [{step, t, sigma, expert}], n_steps*, x0_rule ("flow" | "v_prediction" |
-                           "epsilon": how x̂0 follows from x_t and v̂), family ("wan" | "cogvideox" | "ltx" | "hunyuan"),
+                           "epsilon": how x̂0 follows from x_t and v̂), family (wan | cogvideox | ltx | hunyuan),
                            latent* {channels, frames, height, width}, token_grid* {frames, rows, cols, patch [pt, ph,
                            pw]}, tensors* {name: {steps, dtype, shape}}, sites* {site: {n_layers, layers, steps,
                            branches, dim, dtype, reductions {name: {shape}}, tokens [[layer, step], ...],

@@ -47,8 +47,8 @@ def config_from_args(args: argparse.Namespace):
 
     if args.first_instance is not None and args.instances is None:
         raise ValueError("--first-instance needs --instances (without it the run's own instances are measured)")
-    return EnsembleConfig(methods=split(args.methods), ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"), steps=args.steps,
-                          instances=args.instances, first_instance=args.first_instance or 0,
+    return EnsembleConfig(methods=split(args.methods), ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"),
+                          steps=args.steps, instances=args.instances, first_instance=args.first_instance or 0,
                           seed_base=args.seed_base, batch_size=args.batch_size)
 
 
