@@ -1,6 +1,7 @@
 """The house rules of cos_core, read from the source with `ast` (nothing is imported): no import circles, data flows
 one way between the packages (docs/architecture.md), at most eight loose modules at the top, argparse only in the
-CLI, and only `capture/hooks.py` patches a pipeline's `scheduler.step` or a transformer's `cache_context`."""
+CLI, diffusers only in capture and organism, streamlit nowhere, and only `capture/hooks.py` patches a pipeline's
+`scheduler.step` or a transformer's `cache_context` (the primitive itself is tested at the end)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,13 @@ def test_argparse_is_imported_only_by_the_cli():
     cli = PACKAGE / "cli"
     users = sorted(str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if "argparse" in imports_of(p))
     assert users and all(Path(u).is_relative_to(cli.relative_to(REPO)) for u in users), users
+
+
+def test_only_capture_and_organism_import_diffusers_and_nothing_imports_streamlit():
+    users = {lib: sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if lib in imports_of(p))
+             for lib in ("diffusers", "streamlit")}
+    assert users["diffusers"] and all(u.split("/")[0] in ("capture", "organism") for u in users["diffusers"]), users
+    assert not users["streamlit"], users
 
 
 def test_every_module_says_what_it_owns_in_a_docstring():
