@@ -2,9 +2,9 @@
 
 Owns the page list and the order of a run: page config, shared sidebar, the chosen page, then the URL clean-up so
 each view's widget state is its shareable address. Pages live in `views/`, one short script each (not `pages/`:
-Streamlit runs a `pages/` folder as a legacy multipage app before `st.navigation` takes over, skipping this file
-on a session's first run). Only this file and `views/` import streamlit; nothing here imports torch or diffusers
-(the Live page does so lazily).
+with Streamlit 1.40 and 1.67 a `pages/` folder makes a deep link run the page without `app.py` until some session
+has run `app.py`). Only this file and `views/` import streamlit; nothing here imports torch or diffusers (the Live
+page does so lazily).
 """
 
 import sys

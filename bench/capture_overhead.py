@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cos_core.capture import Capturer, CaptureSpec  # noqa: E402
-from cos_core.tiny_pipelines import wan_1_3b_transformer  # noqa: E402
+from cos_core.capture.tiny_pipelines import wan_1_3b_transformer  # noqa: E402
 
 
 def d2h_bandwidth(nbytes: int = 2 * 2**30, reps: int = 5) -> float:

@@ -32,9 +32,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cos_core import dashboard_data as dd  # noqa: E402
-from cos_core.archive import SCHEMA_VERSION, Archive, list_runs  # noqa: E402
-from cos_core.archive_writer import RunWriter  # noqa: E402
+from cos_core.archive import Archive, list_runs  # noqa: E402
+from cos_core.archive.runs import RUNS_ENV, dir_size  # noqa: E402
+from cos_core.archive.schema import SCHEMA_VERSION  # noqa: E402
+from cos_core.archive.writer import RunWriter  # noqa: E402
 from views.shared import RENDER_SECONDS  # noqa: E402
 
 PAGES = ["overview", "steps", "layers", "probes", "self_correction", "working_memory", "interventions", "ensemble",
@@ -161,11 +162,11 @@ def big_archive(n_samples: int, keep: Path | None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="cos-bench-big-", dir=keep))
     try:
         path, write_s = make_big(root, n_samples)
-        size = dd.dir_size(path)
+        size = dir_size(path)
         start = time.perf_counter()
         archive = Archive.open(path)
         open_s = time.perf_counter() - start
-        os.environ[dd.RUNS_ENV] = str(root)
+        os.environ[RUNS_ENV] = str(root)
         out = {"bytes": size, "gb": round(size / 1e9, 2), "samples": n_samples, "write_s": round(write_s, 1),
                "open_s": open_s, "open_reads_bytes": (path / "manifest.json").stat().st_size, "pages": {}}
         assert archive.n_samples == n_samples
@@ -204,7 +205,7 @@ def main() -> int:
     if not good:
         print(f"no readable runs in {args.runs_dir}: make some with `cos capture`, or pass --runs-dir", file=sys.stderr)
         return 2
-    os.environ[dd.RUNS_ENV] = str(args.runs_dir.resolve())
+    os.environ[RUNS_ENV] = str(args.runs_dir.resolve())
     runs = [a.path.name for a in good]
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                           "loadavg_at_start": os.getloadavg()},

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cos_core.archive import PROVENANCE_KEYS, Archive  # noqa: E402
+from cos_core.archive import Archive  # noqa: E402
+from cos_core.archive.schema import PROVENANCE_KEYS  # noqa: E402
 
 # NVLink multicast stays off (the lent machines require it; only gloo barriers are used here anyway)
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from cos_core.archive_writer import FAULT_POINTS  # noqa: E402
+from cos_core.archive.writer import FAULT_POINTS  # noqa: E402
 from tests.fault.harness import KillHarness, KillPoint  # noqa: E402
 
 FINALIZE = ("samples.tmp", "samples.done", "manifest.tmp", "manifest.done", "publish.before_rename", "publish.done")

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cos_core.archive import Archive  # noqa: E402
-from cos_core.archive_writer import RunWriter  # noqa: E402
+from cos_core.archive.writer import RunWriter  # noqa: E402
 
 
 def main() -> int:

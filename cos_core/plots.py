@@ -2,8 +2,8 @@
 derived tables (probe grid, events, memory, interventions, ensemble).
 
 Owns how each quantity is drawn and labelled (axes use the project vocabulary: step, sigma, layer, frame, sample).
-Every builder takes numpy arrays or DataFrames and returns a `go.Figure`; it reads no files. Imports numpy,
-pandas and plotly only: never streamlit, torch or diffusers.
+Every builder takes numpy arrays or DataFrames and returns a `go.Figure`; it reads no files. Imports numpy, pandas,
+plotly, PIL and `frames` (the thumbnails it draws) only: never streamlit, torch, diffusers, analysis or views.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .dashboard_data import Frames, upscale
+from .frames import Frames, upscale
 
 GAP = 2  # pixels between tiles of a mosaic
 MARGIN = dict(l=20, r=20, t=70, b=40)  # axes grow into it (automargin); the title sits above top-side ticks

@@ -36,7 +36,7 @@ def one_torch_thread():
 def tiny(one_torch_thread):
     """`tiny(name, cfg=True, scheduler=None)`: a `TinyCase` built once per test module (building is seeded, so every
     module sees the same weights; running a pipeline resets its scheduler, so sharing the object is safe)."""
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     cache = {}
 
@@ -54,14 +54,12 @@ def organism_run(tmp_path_factory, one_torch_thread):
     """`organism_run(task="fork", instances=3, seeds=(0, 1), steps=4)` -> (Archive, model_dir): a tiny random organism
     (seeded weights, every task) saved to disk and captured by `capture_run` with x̂0 at every step, cached per
     module. Replays, interventions and ensembles re-run it from `model_dir`."""
-    import argparse
-
     import torch
 
     from cos_core.archive import Archive
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import capture_run
-    from cos_core.model_sources import organism_source
+    from cos_core.capture.run import capture_run
+    from cos_core.capture.sources import SourceConfig, organism_source
     from cos_core.organism.pipeline import build_pipeline
     from cos_core.tasks import TASK_NAMES
 
@@ -74,8 +72,8 @@ def organism_run(tmp_path_factory, one_torch_thread):
     def get(task: str = "fork", instances: int = 3, seeds: tuple[int, ...] = (0, 1), steps: int = 4):
         key = (task, instances, tuple(seeds), steps)
         if key not in cache:
-            args = argparse.Namespace(task=task, instances=instances, first_instance=0, num_inference_steps=steps)
-            src = organism_source(args, device="cpu", dtype=torch.float32, seeds=list(seeds), model_dir=model_dir)
+            config = SourceConfig(task=task, instances=instances, num_inference_steps=steps)
+            src = organism_source(config, device="cpu", dtype=torch.float32, seeds=list(seeds), model_dir=model_dir)
             spec = CaptureSpec(reductions=("frame_mean",), tensors=("x0_hat",))
             run_id = f"organism-{task}-{instances}x{len(seeds)}x{steps}"
             path = capture_run(src.pipe, src.items, spec, runs_dir=root / "runs", run_id=run_id,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cos_core.archive import Archive
-from cos_core.archive_writer import RunWriter
+from cos_core.archive.writer import RunWriter
 from cos_core.cli import main
 from cos_core.tasks import TEST_SEEDS, get_task
 

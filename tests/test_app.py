@@ -20,8 +20,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core import dashboard_data as dd
+from cos_core.analysis.compare import outcome_counts, paired_outcomes
+from cos_core.analysis.layers import top_components
 from cos_core.archive import Archive, ArchiveError
+from cos_core.archive.runs import RUNS_ENV, run_path, runs_dirs
+from cos_core.archive.schema import check_derived
+from cos_core.frames import spread, to_uint8
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "app.py"
@@ -33,20 +37,22 @@ ANALYSIS = {"probes": "probe_grid", "self_correction": "events", "working_memory
 
 # ---- archives --------------------------------------------------------------------------------------------------
 def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0, ensemble: str | None = None) -> Archive:
-    import argparse
-
     import torch
 
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import capture_run
-    from cos_core.model_sources import organism_source
+    from cos_core.capture.run import capture_run
+    from cos_core.capture.sources import SourceConfig, organism_source
+    from cos_core.experiments.merge import MergeSpec, merged_capture
     from cos_core.organism.pipeline import build_pipeline
 
     if not (model_dir / "model_index.json").is_file():
         torch.manual_seed(0)
         build_pipeline("tiny").save_pretrained(model_dir)
-    args = argparse.Namespace(task=task, instances=2, first_instance=first, num_inference_steps=4, ensemble=ensemble)
-    src = organism_source(args, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    merge = MergeSpec.parse(ensemble) if ensemble else None
+    config = SourceConfig(task=task, instances=2, first_instance=first, num_inference_steps=4,
+                          members=merge.n if merge else None)
+    src = organism_source(config, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    src = merged_capture(src, merge) if merge else src
     spec = CaptureSpec(reductions=("frame_mean", "token_norm"), steps="0:4:2", store_dtype="float16")  # as shipped
     with src.around():
         return Archive.open(capture_run(src.pipe, src.items, spec, runs_dir=runs,
@@ -58,8 +64,8 @@ def _capture_organism(runs: Path, model_dir: Path, task: str, first: int = 0, en
 
 def _capture_tiny(runs: Path, family: str, decode: bool) -> Path:
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import WorkItem, capture_run
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.run import WorkItem, capture_run
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     case = build_tiny(family)
     call = {k: v for k, v in case.call_kwargs.items() if k != "output_type"}
@@ -138,7 +144,7 @@ def runs_dir(tmp_path_factory) -> Path:
 def app(runs_dir, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv(dd.RUNS_ENV, str(runs_dir))
+    monkeypatch.setenv(RUNS_ENV, str(runs_dir))
     monkeypatch.setenv("COS_ORGANISM_DIR", str(runs_dir.parent / "organism"))
     return AppTest.from_file(str(APP), default_timeout=60)
 
@@ -241,7 +247,7 @@ def test_compare_warns_when_the_runs_drew_noise_on_different_devices(runs_dir, t
     manifest = json.loads((tmp_path / "organism-maze" / "manifest.json").read_text())
     manifest["model"]["device"] = "cuda:0"  # as if made on a GPU: seed 0 is another draw there
     (tmp_path / "organism-maze" / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setenv(dd.RUNS_ENV, str(tmp_path))
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
     at = visit(AppTest.from_file(str(APP), default_timeout=60), "compare", run="organism-maze")
     at.selectbox(key="run_b").set_value("organism-maze-ensemble").run()
     assert not at.exception
@@ -256,14 +262,14 @@ def test_paired_outcomes_match_on_sample_id_only():
                       "answer": [fork(0, [1]), fork(1, [2]), fork(1, [3])], "score_correct": [1.0, 0.0, 1.0]})
     b = pd.DataFrame({"sample_id": ["y", "z", "w"], "task": "fork", "instance": ["2", "3", "9"], "seed": [0, 0, 0],
                       "answer": [fork(0, [2]), fork(1, [3, 4]), fork(None, [])], "score_correct": [1.0, 1.0, 0.0]})
-    paired = dd.paired_outcomes(a, b)
+    paired = paired_outcomes(a, b)
     assert paired["sample_id"].tolist() == ["y", "z"] and paired["changed"].tolist() == [True, False]
     assert paired["answer_a"].tolist() == ["1", "1"] and paired["answer_b"].tolist() == ["0", "1"]
-    assert dd.outcome_counts(paired) == {"shared samples": 2, "accuracy A": 0.5, "accuracy B": 1.0,
-                                         "fixed by B": 1, "broken by B": 0, "answer changed": 1}
-    assert dd.paired_outcomes(a.drop(columns="answer"), b).empty
+    assert outcome_counts(paired) == {"shared samples": 2, "accuracy A": 0.5, "accuracy B": 1.0,
+                                      "fixed by B": 1, "broken by B": 0, "answer changed": 1}
+    assert paired_outcomes(a.drop(columns="answer"), b).empty
     b.loc[1, "score_correct"] = float("nan")  # z unscored in B: paired, but left out of accuracy and flips
-    counts = dd.outcome_counts(dd.paired_outcomes(a, b))
+    counts = outcome_counts(paired_outcomes(a, b))
     assert counts["shared samples"] == 2 and counts["accuracy A"] == 0.0 and counts["fixed by B"] == 1
 
 
@@ -354,16 +360,16 @@ heavy = [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] 
 assert not heavy, heavy
 print("ok")
 """
-    env = {**os.environ, dd.RUNS_ENV: str(runs_dir)}
+    env = {**os.environ, RUNS_ENV: str(runs_dir)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-@pytest.mark.skipif(not any(dd.runs_dirs(REPO, "")[0].glob("*/manifest.json")), reason="cached_runs/ has no runs yet")
+@pytest.mark.skipif(not any(runs_dirs(REPO, "")[0].glob("*/manifest.json")), reason="cached_runs/ has no runs yet")
 def test_shipped_runs_render_on_every_page(monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.delenv(dd.RUNS_ENV, raising=False)
+    monkeypatch.delenv(RUNS_ENV, raising=False)
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     runs = at.sidebar.selectbox(key="run").options
     for run in runs:
@@ -379,36 +385,36 @@ def test_run_path_refuses_escapes(tmp_path):
     (root / "ok").mkdir(parents=True)
     (tmp_path / "outside").mkdir()
     (root / "link").symlink_to(tmp_path / "outside")
-    assert dd.run_path(root, "ok") == (root / "ok").resolve()
+    assert run_path(root, "ok") == (root / "ok").resolve()
     for name in ("link", "../outside", "a/b", ".hidden"):
         with pytest.raises(ArchiveError):
-            dd.run_path(root, name)
+            run_path(root, name)
 
 
 def test_runs_dirs_and_spread(tmp_path):
-    assert dd.runs_dirs(tmp_path, "") == [(tmp_path / "cached_runs").resolve()]
-    assert dd.runs_dirs(tmp_path, f"a{os.pathsep}/x") == [(tmp_path / "a").resolve(), Path("/x")]
-    assert dd.spread(list(range(50)), 5) == [0, 12, 24, 37, 49]
-    assert dd.spread([3, 4], 9) == [3, 4] and dd.spread([1, 2, 3], 1) == [3]
+    assert runs_dirs(tmp_path, "") == [(tmp_path / "cached_runs").resolve()]
+    assert runs_dirs(tmp_path, f"a{os.pathsep}/x") == [(tmp_path / "a").resolve(), Path("/x")]
+    assert spread(list(range(50)), 5) == [0, 12, 24, 37, 49]
+    assert spread([3, 4], 9) == [3, 4] and spread([1, 2, 3], 1) == [3]
 
 
 def test_pixel_rendering_and_derived_checks():
     video = np.stack([np.full((2, 4, 4), v, np.float32) for v in (-1.0, 0.0, 1.0)])  # (C, F, H, W)
-    rgb = dd.to_uint8(video, "pixel")
+    rgb = to_uint8(video, "pixel")
     assert rgb.shape == (2, 4, 4, 3) and tuple(rgb[0, 0, 0]) == (0, 128, 255)
     with pytest.raises(ArchiveError, match=r"lacks column\(s\) \['chance'\]"):
-        dd.check_derived("probe_grid", pd.DataFrame({"label": ["a"], "layer": [0], "step": [0], "accuracy": [1.0]}))
+        check_derived("probe_grid", pd.DataFrame({"label": ["a"], "layer": [0], "step": [0], "accuracy": [1.0]}))
     with pytest.raises(ValueError, match="unknown derived table"):
-        dd.check_derived("nope", pd.DataFrame())
+        check_derived("nope", pd.DataFrame())
 
 
 def test_top_components_match_a_full_svd():
     rng = np.random.default_rng(1)
     points = rng.standard_normal((300, 2)) @ np.diag([5.0, 2.0]) @ rng.standard_normal((2, 64))
     points += 0.1 * rng.standard_normal((300, 64))
-    coords, ratio = dd.top_components(points, 2)
+    coords, ratio = top_components(points, 2)
     centred = points - points.mean(axis=0)
     _, sv, vt = np.linalg.svd(centred, full_matrices=False)
     np.testing.assert_allclose(np.abs(coords), np.abs(centred @ vt[:2].T), atol=1e-8)
     np.testing.assert_allclose(ratio, sv[:2] ** 2 / (sv**2).sum(), rtol=1e-10)
-    assert dd.top_components(np.ones((5, 3)))[1].tolist() == [0.0, 0.0]  # no variance: zeros, no NaN
+    assert top_components(np.ones((5, 3)))[1].tolist() == [0.0, 0.0]  # no variance: zeros, no NaN

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cos_core.archive import (MANIFEST, SAMPLES, SCHEMA_VERSION, Archive, ArchiveError, act_key, list_runs,
-                              shard_name, token_key)
-from cos_core.archive_manifest import REQUIRED_KEYS
-from cos_core.archive_writer import RunExistsError, RunWriter
+from cos_core.archive import Archive, ArchiveError, list_runs, schema
+from cos_core.archive.schema import (CAPTURE, MANIFEST, REQUIRED_KEYS, SAMPLES, SCHEMA_VERSION, Manifest, act_key,
+                                     shard_name, token_key)
+from cos_core.archive.writer import RunExistsError, RunWriter
 from cos_core.capture import SITE, Capturer, CaptureSpec
-from cos_core.capture_run import WorkItem, capture_run
+from cos_core.capture.run import WorkItem, capture_run
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = CaptureSpec(layers="1", steps="0,2", reductions=("frame_mean", "token_norm", "pool2", "proj3"),
@@ -236,8 +238,42 @@ def test_a_manifest_that_is_not_a_json_object_is_refused(run, text, message):
 @pytest.mark.parametrize("key", [k for k in REQUIRED_KEYS if k != "schema_version"])
 def test_a_manifest_missing_a_required_key_is_refused(run, key):
     edit_manifest(run, lambda m: m.pop(key))
-    with pytest.raises(ArchiveError, match=f"misses required keys: {key}"):
+    with pytest.raises(ArchiveError, match=f"misses required keys: {key}$"):
         Archive.open(run)
+
+
+@pytest.mark.parametrize("key", [f.name for f in fields(Manifest) if f.metadata["producer"] == CAPTURE
+                                 and f.name in REQUIRED_KEYS])
+def test_the_manifest_builder_refuses_a_producer_that_omits_a_required_key(key, tmp_path):
+    layout = {k: v for k, v in _layout().items() if k != key}
+    with pytest.raises(ArchiveError, match=f"the capture misses required manifest key\\(s\\): {key}"):
+        Manifest.build(run_id="r", n_samples=1, layout=layout, record={})
+    writer = RunWriter(tmp_path, "r", {})  # the writer builds before it publishes anything
+    writer.write_sample(0, {"final": np.zeros((2, 1, 2, 2), np.float32)}, {"sample_id": "x"}, layout)
+    with pytest.raises(ArchiveError, match="misses required manifest key"):
+        writer.finalize(1, {"command": ["test"]})
+    assert not (writer.partial_dir / MANIFEST).exists() and not (tmp_path / "r").exists()
+
+
+def test_the_manifest_builder_refuses_keys_the_schema_does_not_declare():
+    with pytest.raises(ArchiveError, match=r"the capture run filled manifest key\(s\) \['seed_of_the_day'\]"):
+        Manifest.build(run_id="r", n_samples=1, layout=_layout(), record={"seed_of_the_day": 7})
+    with pytest.raises(ArchiveError, match=r"the capture filled manifest key\(s\) \['created'\]"):
+        Manifest.build(run_id="r", n_samples=1, layout={**_layout(), "created": "now"}, record={})
+    built = Manifest.build(run_id="r", n_samples=2, layout=_layout(), record={"command": ["cos"]}).to_json()
+    assert built["shards"] == [shard_name(0), shard_name(1)] and built["schema_version"] == SCHEMA_VERSION
+    assert "created" not in built and "x0_rule" not in built, "keys nobody filled are left out, not written as null"
+
+
+def test_every_manifest_key_is_documented_and_shipped_runs_hold_only_declared_keys():
+    doc = schema.__doc__
+    undocumented = [f.name for f in fields(Manifest) if not re.search(rf"\b{f.name}\b", doc)]
+    assert not undocumented, f"Manifest keys missing from the schema docstring: {undocumented}"
+    declared = {f.name for f in fields(Manifest)}
+    for path in sorted((REPO / "cached_runs").glob("*/manifest.json")):
+        keys = set(json.loads(path.read_text()))
+        assert keys <= declared, f"{path}: keys {sorted(keys - declared)} are not declared in the schema"
+        assert set(REQUIRED_KEYS) <= keys, path
 
 
 def test_an_unfinished_or_absent_run_is_refused(run, tmp_path):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cos_core.archive import act_key, token_key
+from cos_core.archive.schema import act_key, token_key
 from cos_core.capture import SITE, Capturer, CaptureSpec
-from cos_core.reductions import Reducer
+from cos_core.capture.reductions import Reducer
 
 FAMILIES = ("wan_t2v", "wan_i2v", "wan22", "cogvideox", "ltx", "hunyuan")
 VARIANTS = FAMILIES + ("cogvideox:dpm",)  # CogVideoX with its DPM scheduler as well as DDIM
@@ -179,7 +179,7 @@ def test_x0_hat_agrees_with_the_schedulers_own(observed):
 
 def test_decoder_mirrors_the_pipelines_own_decode(observed):
     """`--decode` frames of the final latent equal the pipeline's own output_type="np" video, as uint8."""
-    from cos_core import families as fam
+    from cos_core.capture import families as fam
 
     if observed.variant == "cogvideox:dpm":
         pytest.skip("same VAE path as cogvideox")

@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import PARTIAL_SUFFIX, PROVENANCE_KEYS, Archive, ArchiveError, shard_name
+from cos_core.archive import Archive, ArchiveError
+from cos_core.archive.schema import PARTIAL_SUFFIX, PROVENANCE_KEYS, shard_name
 from cos_core.capture import CaptureSpec
-from cos_core.capture_run import WorkItem, capture_run
-from cos_core.cli import build_parser, main
+from cos_core.capture.run import WorkItem, capture_run
+from cos_core.cli import main
+from cos_core.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = CaptureSpec(layers="0", reductions=("frame_mean", "token_norm"), tokens=((1, 3),))
@@ -188,7 +190,7 @@ def test_random_wan_source_builds_the_same_seeded_model_on_every_call(tmp_path, 
     """`--model random:wan2.1-1.3b` (the multi-GPU benchmark's workload) with the architecture shrunk so it runs here:
     a Wan pipeline without text encoder or VAE whose weights and prompt embeddings come from fixed seeds, so two
     processes (two ranks) build the same model and write the same archive; seed ranges 'a:b' select the items."""
-    from cos_core import tiny_pipelines
+    from cos_core.capture import tiny_pipelines
 
     small = dict(tiny_pipelines.WAN_1_3B_CONFIG, num_attention_heads=2, attention_head_dim=8, ffn_dim=32,
                  num_layers=2, text_dim=32, freq_dim=16, rope_max_seq_len=32)

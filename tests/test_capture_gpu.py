@@ -27,7 +27,7 @@ def _run(case, offload: bool):
 
 
 def test_cpu_offload_captures_the_same_as_plain_gpu():
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     out_a, ta, la = _run(build_tiny("wan22"), offload=False)
     out_b, tb, lb = _run(build_tiny("wan22"), offload=True)
@@ -38,7 +38,7 @@ def test_cpu_offload_captures_the_same_as_plain_gpu():
 
 
 def test_last_step_x0_hat_is_the_final_latent_in_bf16_on_gpu():
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     case = build_tiny("wan_t2v", dtype=torch.bfloat16)
     _, tensors, _ = _run(case, offload=False)

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import PROVENANCE_KEYS, Archive
+from cos_core.archive import Archive
+from cos_core.archive.schema import PROVENANCE_KEYS
 from cos_core.capture import CaptureSpec
-from cos_core.capture_run import WorkItem, capture_run
-from cos_core.distributed import Ranks
+from cos_core.capture.run import WorkItem, capture_run
+from cos_core.capture.distributed import Ranks
 
 SPEC = CaptureSpec(reductions=("frame_mean", "token_norm"), tokens=((1, 2),))
 
@@ -49,8 +50,8 @@ def test_context_parallel_refuses_what_diffusers_would_fail_on_later():
     backend (no log-sum-exp), a transformer without a context-parallel plan."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cos_core.context_parallel import ContextParallel, enable
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.context_parallel import ContextParallel, enable
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     pipe = build_tiny("wan_t2v").pipe
     heads = pipe.transformer.config.num_attention_heads
@@ -71,7 +72,7 @@ def test_context_parallel_refuses_tokens_its_group_cannot_split_and_a_shared_gpu
     from diffusers import ContextParallelConfig
 
     from cos_core.cli import main
-    from cos_core.context_parallel import check_tokens
+    from cos_core.capture.context_parallel import check_tokens
 
     expert = SimpleNamespace(_parallel_config=SimpleNamespace(context_parallel_config=ContextParallelConfig(
         ulysses_degree=2)))
@@ -102,7 +103,7 @@ class ThreadRanks(Ranks):
 
 
 def _build():
-    from cos_core.tiny_pipelines import build_tiny
+    from cos_core.capture.tiny_pipelines import build_tiny
 
     return build_tiny("wan_t2v")  # seeds the global RNG: build in the main thread, never concurrently
 

@@ -9,7 +9,7 @@ import pytest
 
 from cos_core.analysis.dynamics import (DynamicsConfig, change_spread, convergence, detect_events, phase_steps,
                                         sample_trajectory, settle_index)
-from cos_core.analysis.step_frames import StepFrames, answer_key
+from cos_core.analysis.step_frames import StepFrames
 from cos_core.tasks import TEST_SEEDS, get_task
 
 
@@ -95,7 +95,7 @@ def test_trajectory_reads_real_task_frames(name):
                                                                     inst.video), DynamicsConfig())
     assert traj["correct"].tolist() == [False, False, True, True]
     assert traj["matches_final"].tolist()[2:] == [True, True]
-    assert traj["answer_key"].iloc[3] == answer_key(name, task.extract(inst.video))
+    assert traj["answer_key"].iloc[3] == task.answer_key(task.extract(inst.video))
     at_truth = [e for e in events if e["step"] >= 2]  # (what noise reads at steps 0-1 is the extractor's business)
     assert [e["step"] for e in at_truth] == [2]
     assert at_truth[0]["kind"] in ("self_correction", "emergence", "enhancement") and at_truth[0]["score_after"] == 1

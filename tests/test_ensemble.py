@@ -14,9 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cos_core.ensemble import (  # noqa: E402
-    MERGES, EnsembleConfig, group_mean, member_items, merged_steps, noise_mean_start, run_ensemble)
-from cos_core.replay import load_replay  # noqa: E402
+from cos_core.experiments.ensemble import EnsembleConfig, member_items, run_ensemble  # noqa: E402
+from cos_core.experiments.merge import (  # noqa: E402
+    MERGES, MergeSpec, group_mean, merged_capture, merged_steps, noise_mean_start)
+from cos_core.experiments.replay import load_replay  # noqa: E402
 
 ATOL = 1e-5  # batches of different sizes may take different kernels, and a mean of 3 equal floats can round
 
@@ -206,7 +207,7 @@ def test_sweep_tables_are_consistent_and_intervals_hold_the_accuracy(choice_repl
 
 
 def test_agreement_counts_other_members_with_member_0s_readable_answer():
-    from cos_core.ensemble import _row
+    from cos_core.experiments.ensemble import _row
 
     def inst(*keys):
         return {"instance": 7, "scores": [{"correct": True, "score": 1.0, "answer_key": k} for k in keys]}
@@ -227,7 +228,7 @@ def test_config_refuses_bad_values():
 
 
 def cli_args(run, model_dir, *extra):
-    from cos_core import ensemble_cli
+    from cos_core.cli import ensemble as ensemble_cli
 
     parser = argparse.ArgumentParser()
     ensemble_cli.add_arguments(parser)
@@ -280,13 +281,14 @@ def test_cli_writes_both_tables_and_refuses_bad_input_without_touching_them(orga
 def _ensemble_capture(organism_run, tmp_path, ensemble: str | None, instances: int = 2):
     from cos_core.archive import Archive
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import capture_run
-    from cos_core.model_sources import organism_source
+    from cos_core.capture.run import capture_run
+    from cos_core.capture.sources import SourceConfig, organism_source
 
     _, model_dir = organism_run()
-    args = argparse.Namespace(task="fork", instances=instances, first_instance=0, num_inference_steps=4,
-                              ensemble=ensemble)
-    src = organism_source(args, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    merge = MergeSpec.parse(ensemble) if ensemble else None
+    config = SourceConfig(task="fork", instances=instances, num_inference_steps=4, members=merge.n if merge else None)
+    src = organism_source(config, device="cpu", dtype=torch.float32, seeds=[0], model_dir=model_dir)
+    src = merged_capture(src, merge) if merge else src
     spec = CaptureSpec(reductions=("frame_mean",), tensors=("x_t", "x0_hat"), tokens=((1, 2),))
     with src.around():
         path = capture_run(src.pipe, src.items, spec, runs_dir=tmp_path, run_id=src.default_run_id,

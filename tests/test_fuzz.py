@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cos_core.archive import MANIFEST, Archive, ArchiveError, act_key, list_runs, shard_name, token_key
-from cos_core.archive_manifest import read_manifest
-from cos_core.archive_writer import RunWriter
+from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive.manifest import read_manifest
+from cos_core.archive.schema import MANIFEST, act_key, shard_name, token_key
+from cos_core.archive.writer import RunWriter
 
 FUZZ = settings(max_examples=int(os.environ.get("COS_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
                 derandomize=not os.environ.get("COS_FUZZ_RANDOM"), suppress_health_check=[HealthCheck.too_slow])

@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cos_core import intervene_cli  # noqa: E402
-from cos_core.interventions import (InterventionConfig, Job, mark_flips, noise_seed, partners,  # noqa: E402
-                                    run_batch, run_interventions, summarise)
-from cos_core.propagation import propagation_table  # noqa: E402
-from cos_core.replay import load_replay  # noqa: E402
+from cos_core.cli import intervene as intervene_cli  # noqa: E402
+from cos_core.experiments.interventions import (InterventionConfig, Job, mark_flips, noise_seed,  # noqa: E402
+                                                partners, run_batch, run_interventions, summarise)
+from cos_core.analysis.propagation import propagation_table  # noqa: E402
+from cos_core.experiments.replay import load_replay  # noqa: E402
 
 STEPS = 4
 
@@ -122,7 +122,7 @@ def test_whole_output_swaps_are_the_same_at_every_layer_and_update_swaps_are_not
 
 
 def test_self_swap_flips_nothing_in_the_tables(replay, monkeypatch):
-    monkeypatch.setattr("cos_core.interventions.partners", lambda items: list(range(len(items))))
+    monkeypatch.setattr("cos_core.experiments.interventions.partners", lambda items: list(range(len(items))))
     tables = run_interventions(replay, InterventionConfig(which=("layer_swap",), n_boot=50))
     summary = tables["interventions"]
     assert set(summary["kind"]) == {"layer_swap"} and (summary["value"] == 0).all()

@@ -17,7 +17,7 @@ from cos_core.organism import PRESETS, OrganismPipeline, build_pipeline  # noqa:
 from cos_core.organism.checkpoint import load_sharded, save_sharded  # noqa: E402
 from cos_core.organism.data import parse_tasks, task_mix  # noqa: E402
 from cos_core.organism.train import TrainConfig, Trainer  # noqa: E402
-from cos_core.organism.train_cli import add_arguments, run  # noqa: E402
+from cos_core.cli.train import add_arguments, run  # noqa: E402
 from cos_core.tasks import TEST_SEEDS, get_task  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "organism"

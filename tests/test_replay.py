@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from cos_core.replay import load_replay  # noqa: E402
+from cos_core.experiments.replay import load_replay  # noqa: E402
 
 
 def test_replay_reproduces_the_archived_final_videos_and_scores(organism_run):
@@ -35,10 +35,10 @@ def test_replaying_on_another_device_type_than_capture_warns(organism_run, caplo
     archive, model_dir = organism_run()
     moved = copy.copy(archive)
     moved.manifest = {**archive.manifest, "model": {**archive.manifest["model"], "device": "cuda:0"}}
-    with caplog.at_level("WARNING", logger="cos_core.replay"):
+    with caplog.at_level("WARNING", logger="cos_core.experiments.replay"):
         load_replay(moved, model_dir=model_dir)
     assert "drew its noise on cuda; re-running on cpu" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="cos_core.replay"):
+    with caplog.at_level("WARNING", logger="cos_core.experiments.replay"):
         load_replay(archive, model_dir=model_dir)
     assert "drew its noise" not in caplog.text

@@ -7,16 +7,8 @@ import math
 import pytest
 import torch
 
-from cos_core.tiny_pipelines import (
-    HEIGHT,
-    NUM_FRAMES,
-    SCHEDULERS,
-    TINY_FAMILIES,
-    WAN_1_3B_CONFIG,
-    WIDTH,
-    build_tiny,
-    wan_1_3b_transformer,
-)
+from cos_core.capture.tiny_pipelines import (HEIGHT, NUM_FRAMES, SCHEDULERS, TINY_FAMILIES, WAN_1_3B_CONFIG, WIDTH,
+                                             build_tiny, wan_1_3b_transformer)
 
 PIPELINE_CLASS = {"wan_t2v": "WanPipeline", "wan_i2v": "WanImageToVideoPipeline", "wan22": "WanPipeline",
                   "wan22_i2v": "WanImageToVideoPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline",

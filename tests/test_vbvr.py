@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cos_core.vbvr import VBVRBench, load_vbvr
+from cos_core.capture.vbvr import VBVRBench, load_vbvr
 
 
 def _image(seed: int, size=(24, 32)) -> np.ndarray:

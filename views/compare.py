@@ -5,8 +5,10 @@ picked here, and sample B follows sample A when run B has the same instance and 
 import pandas as pd
 import streamlit as st
 
-from cos_core import dashboard_data as dd
 from cos_core import plots
+from cos_core.analysis.compare import outcome_counts, paired_outcomes
+from cos_core.archive.runs import run_facts
+from cos_core.frames import frames_table, grid_steps, n_video_frames, spread, x0_frames
 from views import shared
 
 archive_a, sample_a = shared.require_run()
@@ -19,7 +21,7 @@ name_b = shared.select("run B", others, "run_b", where=c2)
 with shared.guard():
     archive_b = shared.open_run(sel.root, name_b)
     samples_a, samples_b = shared.samples(archive_a), shared.samples(archive_b)
-    labels_b = {int(r["sample"]): dd.sample_label(r) for _, r in samples_b.iterrows()}
+    labels_b = {int(r["sample"]): shared.sample_label(r) for _, r in samples_b.iterrows()}
     id_a = samples_a.loc[samples_a["sample"] == sample_a, "sample_id"]
     same = samples_b.loc[samples_b["sample_id"].isin(id_a), "sample"] if "sample_id" in samples_b else []
     follow = int(same.iloc[0]) if len(same) else None
@@ -32,31 +34,31 @@ with shared.guard():
     n_rows = shared.slider("steps in each grid", list(range(1, 17)), "rows", default=8)
     n_cols = shared.slider("frames in each grid", list(range(1, 13)), "cols", default=6)
 
-    facts = pd.DataFrame([dd.run_facts(archive_a), dd.run_facts(archive_b)], index=["A", "B"]).T.astype(str)
+    facts = pd.DataFrame([run_facts(archive_a), run_facts(archive_b)], index=["A", "B"]).T.astype(str)
     st.dataframe(facts, width="stretch")
 
     left, right = st.columns(2)
     for col, tag, archive, sample in ((left, "A", archive_a, sample_a), (right, "B", archive_b, sample_b)):
         with col:
-            steps = dd.spread(dd.grid_steps(archive), n_rows)
-            frame_ids = dd.spread(list(range(dd.n_video_frames(archive))), n_cols)
-            frames = shared.cached(dd.x0_frames, archive, sample, tuple(steps), tuple(frame_ids))
+            steps = spread(grid_steps(archive), n_rows)
+            frame_ids = spread(list(range(n_video_frames(archive))), n_cols)
+            frames = shared.cached(x0_frames, archive, sample, tuple(steps), tuple(frame_ids))
             sigma = dict(zip(archive.steps["step"], archive.steps["sigma"]))
             shared.show(plots.steps_grid, (frames, sigma, f"{tag}: {archive.run_id}, sample {sample}"),
-                        lambda f=frames, s=sigma: dd.frames_table(f, s), f"compare-{tag}-grid")
+                        lambda f=frames, s=sigma: frames_table(f, s), f"compare-{tag}-grid")
 
     schedules = {f"A: {archive_a.run_id}": archive_a.steps, f"B: {archive_b.run_id}": archive_b.steps}
     both = pd.concat([df.assign(run=name) for name, df in schedules.items()], ignore_index=True)
     shared.show(plots.sigma_schedule, (schedules,), both, "compare-sigma")
 
-    paired = dd.paired_outcomes(samples_a, samples_b)
+    paired = paired_outcomes(samples_a, samples_b)
     st.subheader("Same instance and seed in both runs")
     if paired.empty:
         st.info("These runs share no scored sample (same task instance and noise seed): nothing to pair. Compare a "
                 "run with one made from the same instances and seeds, e.g. `organism-fork` with "
                 "`organism-fork-ensemble` (`cos capture --ensemble`).")
     else:
-        counts = dd.outcome_counts(paired)
+        counts = outcome_counts(paired)
         cols = st.columns(len(counts))
         for col, (name, value) in zip(cols, counts.items()):
             col.metric(name, f"{value:.0%}" if name.startswith("accuracy") else value)

@@ -4,8 +4,9 @@ frame-mean activations over layers and steps, and the layer-swap flip rate (deri
 import pandas as pd
 import streamlit as st
 
-from cos_core import dashboard_data as dd
 from cos_core import plots
+from cos_core.analysis.layers import frame_mean_pca, token_norm_grid, token_norm_table
+from cos_core.frames import spread
 from views import shared
 
 archive, sample = shared.require_run()
@@ -24,12 +25,12 @@ with shared.guard():
         st.warning(f"`token_norm` was not captured for {site} (captured: {list(info['reductions'])}); capture "
                    "with --reductions frame_mean,token_norm to see this view.", icon=":material/warning:")
     else:
-        grid = shared.cached(dd.token_norm_grid, archive, site, sample, step, branch)  # (layer, frame, row, col)
+        grid = shared.cached(token_norm_grid, archive, site, sample, step, branch)  # (layer, frame, row, col)
         n_frames = grid.shape[1]
-        shown = dd.spread(list(range(n_frames)), shared.slider("frames in the grid", list(range(1, n_frames + 1)),
-                                                               "cols", default=min(n_frames, 8)))
+        shown = spread(list(range(n_frames)), shared.slider("frames in the grid", list(range(1, n_frames + 1)),
+                                                            "cols", default=min(n_frames, 8)))
         shared.show(plots.token_norm_mosaic, (grid[:, shown], info["layers"], shown, step),
-                    lambda: dd.token_norm_table(grid, info["layers"]), f"{archive.run_id}-token-norm-s{step}")
+                    lambda: token_norm_table(grid, info["layers"]), f"{archive.run_id}-token-norm-s{step}")
         frames = list(range(n_frames))
         mean = grid.mean(axis=(2, 3))  # (layer, frame)
         table = pd.DataFrame(mean, index=pd.Index(info["layers"], name="layer"),
@@ -42,7 +43,7 @@ with shared.guard():
         st.warning(f"`frame_mean` was not captured for {site}; capture with --reductions frame_mean.",
                    icon=":material/warning:")
     else:
-        pca, ratio = shared.cached(dd.frame_mean_pca, archive, site, sample, branch)
+        pca, ratio = shared.cached(frame_mean_pca, archive, site, sample, branch)
         color = st.radio("colour by", ["layer", "step"], horizontal=True, key="pca_color")
         shared.show(plots.pca_scatter, (pca, ratio, color), pca, f"{archive.run_id}-pca")
 

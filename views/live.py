@@ -2,7 +2,6 @@
 runs directory, and watch its steps. Needs torch + diffusers and the organism weights; imports them only here,
 only when they are present."""
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from cos_core import dashboard_data as dd
 from cos_core import plots
+from cos_core.frames import frames_table, grid_steps, n_video_frames, x0_frames
 from views import shared
 
 MODEL_ENV = "COS_ORGANISM_DIR"
@@ -46,14 +45,13 @@ if go:
     import torch
 
     from cos_core.capture import CaptureSpec
-    from cos_core.capture_run import capture_run
-    from cos_core.model_sources import organism_source
+    from cos_core.capture.run import capture_run
+    from cos_core.capture.sources import SourceConfig, organism_source
 
-    args = argparse.Namespace(task=task, instances=1, first_instance=int(instance), num_inference_steps=int(n_steps),
-                              guidance_scale=None, height=None, width=None, num_frames=None)
+    config = SourceConfig(task=task, instances=1, first_instance=int(instance), num_inference_steps=int(n_steps))
     bar = st.progress(0.0, text="loading the organism")
     try:
-        source = organism_source(args, device="cpu", dtype=torch.float32, seeds=list(range(int(n_seeds))),
+        source = organism_source(config, device="cpu", dtype=torch.float32, seeds=list(range(int(n_seeds))),
                                  model_dir=model_dir)
         runs_dir = Path(tempfile.mkdtemp(prefix="cos-live-"))
         total = len(source.items)
@@ -79,13 +77,13 @@ if LIVE_RUN in st.session_state:
     with shared.guard():
         archive = shared.open_live(Path(st.session_state[LIVE_RUN]))
         table = shared.samples(archive)
-        labels = {int(r["sample"]): dd.sample_label(r) for _, r in table.iterrows()}
+        labels = {int(r["sample"]): shared.sample_label(r) for _, r in table.iterrows()}
         sample = st.selectbox("sample", list(labels), format_func=labels.get, key="live_sample")
-        steps = dd.grid_steps(archive)
-        frames = shared.cached(dd.x0_frames, archive, sample, tuple(steps), tuple(range(dd.n_video_frames(archive))))
+        steps = grid_steps(archive)
+        frames = shared.cached(x0_frames, archive, sample, tuple(steps), tuple(range(n_video_frames(archive))))
         sigma = dict(zip(archive.steps["step"], archive.steps["sigma"]))
         row = table.set_index("sample").loc[sample]
         verdict = {1.0: "correct", 0.0: "wrong"}.get(row.get("score_correct"), "not scored")
         st.caption(f"{archive.run_id}: {row.get('sample_id', '')}, final answer {verdict}")
-        shared.show(plots.steps_animation, (frames,), lambda: dd.frames_table(frames, sigma), "live-play")
-        shared.show(plots.steps_grid, (frames, sigma), lambda: dd.frames_table(frames, sigma), "live-grid")
+        shared.show(plots.steps_animation, (frames,), lambda: frames_table(frames, sigma), "live-play")
+        shared.show(plots.steps_grid, (frames, sigma), lambda: frames_table(frames, sigma), "live-grid")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from cos_core import dashboard_data as dd
+from cos_core.archive.runs import RUNS_ENV, dir_size_of, runs_table, shard_problems
 from views import shared
 
 st.title("cos-lab: watching a video model reason along its denoising steps")
@@ -17,7 +17,7 @@ st.markdown(
 
 sel = shared.selection()
 st.subheader("Runs")
-st.caption(f"from `{sel.root}` (set `{dd.RUNS_ENV}` to read another folder)")
+st.caption(f"from `{sel.root}` (set `{RUNS_ENV}` to read another folder)")
 archives = []
 for name in sel.runs:
     try:
@@ -25,14 +25,14 @@ for name in sel.runs:
     except Exception as err:  # a run that changed since the scan: show it with the broken ones
         sel.bad[name] = str(err)
 if archives:
-    sizes = {a.run_id: shared.cached(dd.dir_size_of, a) for a in archives}
-    table = dd.runs_table(archives, sizes)
+    sizes = {a.run_id: shared.cached(dir_size_of, a) for a in archives}
+    table = runs_table(archives, sizes)
     st.dataframe(table.drop(columns=["bytes"]), hide_index=True, width="stretch",
                  column_config={"command": st.column_config.TextColumn("command", width="large")})
     st.download_button("⬇ runs (CSV)", data=table.to_csv(index=False), file_name="runs.csv", mime="text/csv",
                        on_click="ignore")
     for archive in archives:
-        problems = shared.cached(dd.shard_problems, archive)
+        problems = shared.cached(shard_problems, archive)
         if problems:
             first = next(iter(problems.values()))
             st.error(f"**{archive.path.name}**: {len(problems)} of {archive.n_samples} sample shards cannot be "

@@ -3,7 +3,7 @@ cached archive reads keyed by path + manifest mtime, figure + download rendering
 
 Owns the rule that pages see only runs under the configured runs directories, and that expected problems become
 `st.error` + `st.stop()` cards, never tracebacks. Imports streamlit, numpy/pandas and cos_core's torch-free
-modules only (archive, dashboard_data, plots): never torch or diffusers.
+modules only (archive, frames, analysis, plots): never torch or diffusers.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cos_core import dashboard_data as dd
-from cos_core.archive import DERIVED_DIR, Archive, ArchiveError, check_name, list_runs
+from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive.runs import RUNS_ENV, manifest_mtime, run_path, runs_dirs
+from cos_core.archive.schema import DERIVED, DERIVED_DIR, check_derived, check_name
 
 APP_DIR = Path(__file__).resolve().parent.parent
 URL_KEYS = "_cos_url_keys"   # session key: the widget keys mirrored into the URL during this run
@@ -108,13 +109,13 @@ def slider(label: str, options: Sequence[Any], key: str, default: Any = None, wh
 
 # ---- runs: discovery and cached reads ------------------------------------------------------------------------
 def roots() -> list[Path]:
-    return dd.runs_dirs(APP_DIR)
+    return runs_dirs(APP_DIR)
 
 
 def _stamp(root: Path) -> tuple:
     if not root.is_dir():
         return ()
-    return tuple(sorted((c.name, dd.manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
+    return tuple(sorted((c.name, manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -123,7 +124,7 @@ def _scan(root: str, stamp: tuple) -> tuple[list[str], dict[str, str]]:
     names = []
     for archive in good:
         try:
-            dd.run_path(Path(root), archive.path.name)  # a link that leads outside the root is refused
+            run_path(Path(root), archive.path.name)  # a link that leads outside the root is refused
             names.append(archive.path.name)
         except ArchiveError as err:
             bad[archive.path.name] = str(err)
@@ -141,18 +142,18 @@ def _open(path: str, mtime: int) -> Archive:
 
 
 def open_run(root: Path, name: str) -> Archive:
-    path = dd.run_path(root, name)
-    return _open(str(path), dd.manifest_mtime(path))
+    path = run_path(root, name)
+    return _open(str(path), manifest_mtime(path))
 
 
 def open_live(path: Path) -> Archive:
     """A run the Live page just made in its own temporary directory (not under the configured roots)."""
-    return _open(str(path), dd.manifest_mtime(path))
+    return _open(str(path), manifest_mtime(path))
 
 
 def key_of(archive: Archive) -> tuple[str, int]:
     """What cached reads of an archive are keyed by: its path and its manifest's mtime."""
-    return str(archive.path), dd.manifest_mtime(archive.path)
+    return str(archive.path), manifest_mtime(archive.path)
 
 
 def cached(fn: Callable, archive: Archive, *args: Any) -> Any:
@@ -177,7 +178,7 @@ def _derived(path: str, mtime: int, name: str, table_mtime: int) -> pd.DataFrame
 
 def derived(archive: Archive, name: str, page_what: str) -> pd.DataFrame | None:
     """The derived table `name` if `cos analyze` wrote it (columns checked), else an explanation and None."""
-    spec = dd.DERIVED[name]
+    spec = DERIVED[name]
     file = archive.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
     if not file.is_file():
         st.info(f"**Not computed yet for `{archive.run_id}`.** {page_what}\n\nThis view plots "
@@ -186,7 +187,7 @@ def derived(archive: Archive, name: str, page_what: str) -> pd.DataFrame | None:
                 "see docs/dashboard.md.", icon=":material/hourglass_empty:")
         return None
     with guard():
-        return dd.check_derived(name, _derived(*key_of(archive), name, file.stat().st_mtime_ns))
+        return check_derived(name, _derived(*key_of(archive), name, file.stat().st_mtime_ns))
 
 
 # ---- the sidebar ---------------------------------------------------------------------------------------------
@@ -221,13 +222,21 @@ def sidebar() -> Selection:
             try:
                 sel.archive = open_run(root, name)
                 samples = cached(_samples, sel.archive)
-                labels = {int(r["sample"]): dd.sample_label(r) for _, r in samples.iterrows()}
+                labels = {int(r["sample"]): sample_label(r) for _, r in samples.iterrows()}
                 sel.sample = select("sample", list(labels), "sample", format_func=labels.get)
             except ArchiveError as err:
                 st.error(f"`{name}`: {err}", icon=":material/error:")
                 sel.archive = sel.sample = None
     st.session_state[SELECTION] = sel
     return sel
+
+
+def sample_label(row: pd.Series) -> str:
+    """How a sample is named in pickers: index, id, and its final score when there is one."""
+    text = f"{int(row['sample'])} · {row.get('sample_id', '')}"
+    if "score_correct" in row and pd.notna(row["score_correct"]):
+        text += " ✓" if float(row["score_correct"]) >= 0.5 else " ✗"
+    return text
 
 
 def _samples(archive: Archive) -> pd.DataFrame:
@@ -253,7 +262,7 @@ def require_run() -> tuple[Archive, int]:
     sel = selection()
     if sel.archive is None or sel.sample is None:
         fail(f"No readable run is selected. Make one with `cos capture --runs-dir {sel.root}` or point "
-             f"`{dd.RUNS_ENV}` at a folder of runs; the Overview page lists what was found.")
+             f"`{RUNS_ENV}` at a folder of runs; the Overview page lists what was found.")
     return sel.archive, sel.sample
 
 

@@ -4,17 +4,18 @@
 import pandas as pd
 import streamlit as st
 
-from cos_core import dashboard_data as dd
 from cos_core import plots
+from cos_core.frames import (final_frames, final_gif, frame_source, frames_table, grid_steps, n_video_frames, spread,
+                             video_table, x0_frames)
 from views import shared
 
 archive, sample = shared.require_run()
 st.title("Steps: the answer forming along denoising")
 with shared.guard():
     row = shared.samples(archive).set_index("sample").loc[sample]
-    all_steps = dd.grid_steps(archive)
-    n_frames = dd.n_video_frames(archive)
-    source = dd.frame_source(archive)
+    all_steps = grid_steps(archive)
+    n_frames = n_video_frames(archive)
+    source = frame_source(archive)
     steps_df = archive.steps
     sigma = dict(zip(steps_df["step"], steps_df["sigma"]))
 
@@ -34,32 +35,32 @@ with shared.guard():
                            default=min(len(all_steps), 12), where=c1)
     n_cols = shared.slider("frames in the grid", list(range(1, n_frames + 1)), "cols",
                            default=min(n_frames, 9), where=c2)
-    grid_steps = dd.spread(all_steps, n_rows)
-    frame_ids = dd.spread(list(range(n_frames)), n_cols)
-    frames = shared.cached(dd.x0_frames, archive, sample, tuple(grid_steps), tuple(frame_ids))
-    shared.show(plots.steps_grid, (frames, sigma), lambda: dd.frames_table(frames, sigma), f"{archive.run_id}-x0-grid")
+    shown_steps = spread(all_steps, n_rows)
+    frame_ids = spread(list(range(n_frames)), n_cols)
+    frames = shared.cached(x0_frames, archive, sample, tuple(shown_steps), tuple(frame_ids))
+    shared.show(plots.steps_grid, (frames, sigma), lambda: frames_table(frames, sigma), f"{archive.run_id}-x0-grid")
 
     st.subheader("One step")
     step = shared.slider("step", all_steps, "step", default=all_steps[-1])
-    one = shared.cached(dd.x0_frames, archive, sample, (step,), tuple(dd.spread(list(range(n_frames)), 16)))
+    one = shared.cached(x0_frames, archive, sample, (step,), tuple(spread(list(range(n_frames)), 16)))
     info = steps_df.set_index("step").loc[step]
     m = st.columns(3)
     m[0].metric("sigma", f"{info['sigma']:.4f}")
     m[1].metric("t", f"{info['t']:.1f}")
     m[2].metric("expert", str(info["expert"]))
     shared.show(plots.filmstrip, (one.pixels[0], one.frames, f"x̂0 at step {step}"),
-                lambda: dd.frames_table(one, sigma), f"{archive.run_id}-x0-step{step}")
+                lambda: frames_table(one, sigma), f"{archive.run_id}-x0-step{step}")
 
     st.subheader("Play over steps")
-    shared.show(plots.steps_animation, (frames,), lambda: dd.frames_table(frames, sigma), f"{archive.run_id}-x0-play")
+    shared.show(plots.steps_animation, (frames,), lambda: frames_table(frames, sigma), f"{archive.run_id}-x0-play")
 
     st.subheader("Final video")
-    final = shared.cached(dd.final_frames, archive, sample)
+    final = shared.cached(final_frames, archive, sample)
     left, right = st.columns([1, 3])
-    left.image(shared.cached(dd.final_gif, archive, sample), caption="final video (loops)")
+    left.image(shared.cached(final_gif, archive, sample), caption="final video (loops)")
     with right:
         shared.show(plots.filmstrip, (final, list(range(len(final))), "final video"),
-                    lambda: dd.video_table(final), f"{archive.run_id}-final")
+                    lambda: video_table(final), f"{archive.run_id}-final")
 
     st.subheader("Noise schedule")
     shared.show(plots.sigma_schedule, ({archive.run_id: steps_df},), steps_df, f"{archive.run_id}-sigma")

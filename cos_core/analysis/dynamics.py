@@ -17,8 +17,7 @@ import pandas as pd
 
 from ..archive import Archive
 from .stats import bootstrap_weights, encode_groups, group_mean_ci
-from .step_frames import (StepFrames, answer_key, check_finite_frames, frame_source, instance_of, run_tasks,
-                          step_frames, task_for)
+from .step_frames import StepFrames, check_finite_frames, frame_source, instance_of, run_tasks, step_frames, task_for
 
 EVENT_KINDS = ("self_correction", "regression", "enhancement", "emergence", "switch")
 
@@ -178,7 +177,7 @@ def sample_trajectory(task, inst, sf: StepFrames, config: DynamicsConfig) -> tup
         answer = task.extract(sf.frames[i])
         scores = task.score(answer, inst)
         row = {"step": step, "answer": json.dumps(answer, sort_keys=True, default=str),
-               "answer_key": answer_key(task.name, answer), "correct": bool(scores["correct"]),
+               "answer_key": task.answer_key(answer), "correct": bool(scores["correct"]),
                "score": float(scores["score"]), **{f"score_{k}": float(v) for k, v in scores.items()
                                                     if k not in ("correct", "score")}}
         mass = _candidate_mass(task, sf.frames[i], inst) if final_mass is not None else None
@@ -193,7 +192,7 @@ def sample_trajectory(task, inst, sf: StepFrames, config: DynamicsConfig) -> tup
         rows.append(row)
     traj = pd.DataFrame(rows)
     final = task.extract(sf.final)
-    traj["final_key"] = answer_key(task.name, final)
+    traj["final_key"] = task.answer_key(final)
     traj["matches_final"] = traj["answer_key"] == traj["final_key"]
     events = detect_events(traj["answer_key"].tolist(), traj["correct"].to_numpy(), traj["score"].to_numpy(), config)
     for ev in events:

@@ -1,9 +1,8 @@
-"""The reference probe engine: scikit-learn estimators fitted one (cell, fold, label) at a time.
-
-Owns the mapping of `probes.ProbeGrid`'s objective onto scikit-learn: ``LogisticRegression(C=1/(alpha n))``
-(``2/(alpha n)`` when a training part holds two classes, since scikit-learn then fits one weight vector rather than
-two symmetric ones) and ``RidgeClassifier(alpha=alpha n)``, n = training samples of the fold. Slow and simple on
-purpose: it is what the batched torch engine is checked against. Imports numpy and scikit-learn only.
+"""The reference probe engine, slow and simple on purpose (the batched torch engine is checked against it): one
+scikit-learn estimator per (cell, fold, label), ``LogisticRegression(C=1/(alpha n))`` (``2/(alpha n)`` when a training
+part holds two classes: scikit-learn then fits one weight vector, not two symmetric ones) or
+``RidgeClassifier(alpha=alpha n)``, n = training samples of the fold, minimising `probes.ProbeGrid`'s objective.
+Imports numpy, scikit-learn and `stats`; never `probes`, which calls this engine.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from .probes import standardize_np
+from .stats import standardize
 
 LOGISTIC_TOL = 1e-4  # scikit-learn's default gradient tolerance
 LOGISTIC_MAX_ITER = 1000  # at least this many L-BFGS iterations (scikit-learn's default of 100 often stops early)
@@ -24,7 +23,7 @@ def _fit_cell(x: np.ndarray, targets: np.ndarray, folds: np.ndarray, kind: str, 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
-    z = standardize_np(x)  # (sample, feature)
+    z = standardize(x)  # (sample, feature)
     pred = np.empty_like(targets)
     n_iter, converged = 0, True
     for f in range(int(folds.max()) + 1):

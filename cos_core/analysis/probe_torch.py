@@ -1,10 +1,9 @@
-"""The batched probe engine: every (cell, fold, label) problem of a probe grid fitted at once with torch.
-
-Owns the kernel (dual) form of the two probe objectives of `probes.ProbeGrid`: per cell one Gram matrix of the
-standardised features, per fold its training block centred on the training mean, one SPD inverse per (cell,
-fold) shared by all labels and their control tasks; ridge is then closed form (plus two refinement steps),
-logistic regression runs Boehning's bound-Hessian MM steps with Nesterov momentum and adaptive restart. On CUDA the
-inverse is a recursive block (Schur complement) inversion made of matrix products. Imports torch; nothing else.
+"""The batched probe engine: every (cell, fold, label) problem of a `probes.ProbeGrid` fitted at once with torch, in
+kernel (dual) form: per cell one Gram matrix of the standardised features, per fold its training block centred on the
+training mean, one SPD inverse per (cell, fold) shared by all labels and their control tasks; ridge is then closed form
+(plus two refinement steps), logistic regression Boehning's bound-Hessian MM steps with Nesterov momentum and adaptive
+restart. On CUDA the inverse is a recursive block (Schur complement) inversion made of matrix products.
+Imports torch and `stats` (the standardisation rule); never `probes`, which calls this engine.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import time
 
 import numpy as np
 import torch
+
+from .stats import STD_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,7 @@ def _padded(index_lists: list[np.ndarray], device) -> tuple[torch.Tensor, torch.
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
-    """(cell, sample, feature): the same rule as `probes.standardize_np`, per cell."""
-    from .probes import STD_FLOOR
-
+    """(cell, sample, feature): the same rule as `stats.standardize`, per cell."""
     mean, std = x.mean(1, keepdim=True), x.std(1, unbiased=False, keepdim=True)
     keep = std > STD_FLOOR * std.amax(-1, keepdim=True).clamp_min(1e-30)
     return torch.where(keep, (x - mean) / torch.where(keep, std, torch.ones_like(std)), torch.zeros_like(x))

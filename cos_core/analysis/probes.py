@@ -1,10 +1,9 @@
 """Linear probes for every (layer, step) cell at once: one estimator, two engines, honest cross-validation.
 
-Owns the `ProbeGrid` estimator (scikit-learn contract: hyper-parameters in ``__init__``, data in ``fit``, fitted
-attributes end in ``_``), folds grouped by task instance (no instance in two folds, stratified by instance label),
-control tasks (Hewitt & Liang 2019), chance level and bootstrap intervals over instances. The engines live in
-`probe_torch.py` (batched, GPU when there is one) and `probe_sklearn.py` (reference). Must not import streamlit;
-torch and scikit-learn are imported only by the engine that is used.
+Owns `ProbeGrid` (scikit-learn contract: hyper-parameters in ``__init__``, data in ``fit``, fitted attributes end in
+``_``), folds grouped by task instance (stratified by label), control tasks (Hewitt & Liang 2019), chance level and
+bootstrap intervals over instances. Engines: `probe_torch.py` (batched, GPU) and `probe_sklearn.py` (reference),
+imported only when used, as are torch and scikit-learn. Must not import streamlit, capture or experiments.
 """
 
 from __future__ import annotations
@@ -248,14 +247,3 @@ def majority_predictions(y: np.ndarray, folds: np.ndarray, n_folds: int) -> np.n
         for t in range(len(y)):
             out[t, test] = np.bincount(y[t, train]).argmax()
     return out
-
-
-def standardize_np(x: np.ndarray) -> np.ndarray:
-    """(sample, feature) -> mean 0, std 1 per feature over all samples; near-constant features become 0."""
-    x = x.astype(np.float64)
-    mean, std = x.mean(0), x.std(0)
-    keep = std > STD_FLOOR * max(float(std.max()), 1e-30)
-    return np.where(keep, (x - mean) / np.where(keep, std, 1.0), 0.0)
-
-
-STD_FLOOR = 1e-6  # a feature whose std is below this fraction of the largest std counts as constant

@@ -1,7 +1,9 @@
-"""Uncertainty for every number the analyses report: bootstrap over instances (groups) and Wilson intervals.
+"""Shared numerics of the analyses: uncertainty for every number they report (bootstrap over instances, i.e.
+groups) and the feature standardisation both probe engines apply.
 
-Owns resampling whole instances (all seeds of one task instance move together, since they are not independent)
-and the percentile interval. Pure numpy; must not import torch, pandas or streamlit.
+Owns resampling whole instances (all seeds of one task instance move together, since they are not independent),
+the percentile interval, and the rule "mean 0, std 1 per feature; near-constant features become 0" (`standardize`,
+`STD_FLOOR`). Pure numpy; must not import torch, pandas, streamlit or any other analysis module.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import numpy as np
 
 CI_LEVEL = 0.95
 N_BOOT = 1000
+STD_FLOOR = 1e-6  # a feature whose std is below this fraction of the largest std counts as constant
 
 
 def encode_groups(groups: np.ndarray) -> tuple[np.ndarray, int]:
@@ -54,3 +57,11 @@ def group_mean_ci(values: np.ndarray, group: np.ndarray, n_groups: int, weights:
     if not np.isfinite(boot).any():
         return mean, np.full(np.shape(mean), np.nan), np.full(np.shape(mean), np.nan)
     return mean, quantile(boot, alpha, axis=-1), quantile(boot, 1.0 - alpha, axis=-1)
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    """(sample, feature) -> mean 0, std 1 per feature over all samples; near-constant features become 0."""
+    x = x.astype(np.float64)
+    mean, std = x.mean(0), x.std(0)
+    keep = std > STD_FLOOR * max(float(std.max()), 1e-30)
+    return np.where(keep, (x - mean) / np.where(keep, std, 1.0), 0.0)

@@ -8,8 +8,6 @@ Owns where those frames come from: x0_hat itself when the latent is the video (t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from ..archive import Archive
@@ -98,13 +96,3 @@ def check_finite_frames(run_id: str, sample: int, steps: list[int], frames: np.n
 def _from_uint8(frames: np.ndarray) -> np.ndarray:
     """(step, F, H, W, 3) uint8 -> (step, 3, F, H, W) float32 in [-1, 1]."""
     return frames.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0
-
-
-def answer_key(task: str, answer: dict[str, Any]) -> str | None:
-    """The discrete answer used to compare steps: maze path, memory identity, choice index, fork goal (None:
-    unreadable); for other tasks the whole extracted answer."""
-    import json
-
-    value = {"maze": answer.get("path"), "memory": answer.get("identity"), "choice": answer.get("choice"),
-             "fork": answer.get("goal")}.get(task, answer)
-    return None if value is None else json.dumps(value, sort_keys=True)

@@ -8,6 +8,7 @@ and frame sanitising for extractors. Must not import torch, diffusers or any tas
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
@@ -20,6 +21,7 @@ TEST_SEEDS = range(10**9, 2 * 10**9)
 MAX_SEED = 2**63 - 1
 MOVES = ("up", "right", "down", "left")  # label order shared by maze moves and memory exit sides
 STEPS = ((-1, 0), (0, 1), (1, 0), (0, -1))  # (drow, dcol) per move
+ANSWER_FIELDS = {"maze": "path", "memory": "identity", "choice": "choice", "fork": "goal"}  # see Task.answer_key
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,6 +160,14 @@ class Task:
         if inst.task != self.name:
             raise ValueError(f"instance of task {inst.task!r} given to task {self.name!r}")
         return self._score(answer, inst)
+
+    @classmethod
+    def answer_key(cls, answer: dict[str, Any]) -> str | None:
+        """The discrete answer used to compare steps and runs: maze path, memory identity, choice index, fork goal
+        (`ANSWER_FIELDS`; None: unreadable); for a task without an entry (or the base class) the whole answer."""
+        field = ANSWER_FIELDS.get(getattr(cls, "name", ""))
+        value = answer if field is None else answer.get(field)
+        return None if value is None else json.dumps(value, sort_keys=True)
 
     def outcome_labels(self, answer: dict[str, Any]) -> dict[str, int | None]:
         """Labels fixed by the generated answer rather than the instance (e.g. which of two valid goals the model

@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cos_core.archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, PROVENANCE_KEYS, SAMPLES, SHARD_DIR, Archive,
-                              ArchiveError, list_runs, shard_name)
-from cos_core.archive_writer import FAULT_ENV, FAULT_POINTS
+from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive.schema import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, PROVENANCE_KEYS, SAMPLES, SHARD_DIR,
+                                     shard_name)
+from cos_core.archive.writer import FAULT_ENV, FAULT_POINTS
 
 REPO = Path(__file__).resolve().parents[2]
 # tiny Wan 2.1, 4 steps, both layers' reductions, one token pair: ~0.1 s per sample on one thread
 CAPTURE = ("--model", "tiny:wan_t2v", "--num-inference-steps", "4", "--tokens", "1:3")
-PRELOAD = ["torch", "diffusers", "tqdm", "cos_core.cli", "cos_core.capture_cli", "cos_core.capture_run",
-           "cos_core.model_sources", "cos_core.tiny_pipelines"]
+PRELOAD = ["torch", "diffusers", "tqdm", "cos_core.cli", "cos_core.cli.capture", "cos_core.capture.run",
+           "cos_core.capture.sources", "cos_core.capture.tiny_pipelines"]
 ALREADY_COMPLETE = "a complete run already exists"
 
 
@@ -100,10 +101,10 @@ def _child(argv: list[str], fault: str | None, log: str) -> None:
 
     torch.set_num_threads(1)
     tqdm.tqdm.set_lock(threading.RLock())  # tqdm's default lock is a multiprocessing one a SIGKILL would leak
-    from cos_core import archive_writer
+    from cos_core.archive import writer
     from cos_core.cli import main
 
-    archive_writer._FAULT = fault
+    writer._FAULT = fault
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

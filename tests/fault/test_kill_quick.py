@@ -47,7 +47,7 @@ def test_cos_fault_point_kills_a_fresh_process_at_the_nth_arrival(tmp_path):
 
     code = f"""
 import numpy as np
-from cos_core.archive_writer import RunWriter
+from cos_core.archive.writer import RunWriter
 w = RunWriter({str(tmp_path)!r}, "env", {{}})
 for i in range(3):
     w.write_sample(i, {{"final": np.zeros((1, 1, 1, 1), np.float32)}}, {{"sample_id": str(i)}}, {{}})
@@ -65,7 +65,7 @@ def test_the_harness_catches_a_torn_archive(harness):
     import os
     import shutil
 
-    from cos_core.archive import shard_name
+    from cos_core.archive.schema import shard_name
 
     shutil.copytree(harness.ref.path, harness.runs / "torn")
     shard = harness.runs / "torn" / shard_name(1)

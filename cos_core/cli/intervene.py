@@ -1,8 +1,8 @@
 """`cos intervene`: noise probes, layer swap and the propagation map on an organism run, into its ``derived/``.
 
 Owns argument parsing, loading the replay (the archive's own samples or held-out instances), progress bars and the
-printed one-line JSON summary. The measurements are `cos_core.interventions.run_interventions`; the library only
-logs. Every table is computed before any is written, so an error leaves ``derived/`` as it was.
+printed one-line JSON summary. The measurements are `cos_core.experiments.interventions.run_interventions`; the
+library only logs. Every table is computed before any is written, so an error leaves ``derived/`` as it was.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from .capture_cli import DEFAULT_RUNS_DIR
-
-DTYPES = ("float32", "bfloat16", "float16")
+from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, command, default_device, int_list, open_run,
+                     split)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .interventions import KINDS
+    from ..experiments.interventions import KINDS
 
     p.add_argument("run", help="run directory, or run id under --runs-dir (an organism task run)")
-    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help=f"default {DEFAULT_RUNS_DIR}")
+    add_runs_dir(p)
     p.add_argument("--which", default="", help=f"comma list of {', '.join(KINDS)} (default: all)")
     what = p.add_argument_group("positions (comma lists; default: every one the run has)")
     what.add_argument("--steps", default="", help="noise_step positions and propagation inject steps, e.g. '0,4,8'")
@@ -44,25 +42,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "the run's own samples")
     which.add_argument("--first-instance", type=int, default=None, help="F above (default 0)")
     run_ = p.add_argument_group("execution")
-    run_.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    run_.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
+    add_device(run_)
+    add_dtype(run_)
     run_.add_argument("--batch-size", type=int, default=32, help="samples per pipeline call at most (default 32)")
-    run_.add_argument("--model-dir", type=Path, default=None, help="organism weights (default the shipped ones)")
+    add_model_dir(run_)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...] | None:
-    parts = [x.strip() for x in str(text).split(",") if x.strip()]
-    try:
-        values = tuple(int(x) for x in parts)
-    except ValueError:
-        raise ValueError(f"{flag} {text!r} must be a comma list of integers, e.g. '0,3'") from None
-    return values or None
+    return int_list(text, flag) or None
 
 
 def _config(args: argparse.Namespace):
-    from .interventions import KINDS, InterventionConfig
+    from ..experiments.interventions import KINDS, InterventionConfig
 
-    which = tuple(x.strip() for x in args.which.split(",") if x.strip()) or KINDS
+    which = split(args.which) or KINDS
     swap = _ints(args.swap_step, "--swap-step")
     if swap is None:
         raise ValueError("--swap-step must name at least one step, e.g. '0'")
@@ -77,16 +70,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .archive import Archive
-    from .interventions import run_interventions, with_instances
-    from .replay import load_replay
+    from ..experiments.interventions import run_interventions, with_instances
+    from ..experiments.replay import load_replay
 
     config = _config(args)  # bad flags fail before any weights are loaded
     if args.first_instance is not None and args.instances is None:
         raise ValueError("--first-instance needs --instances N (how many held-out instances to use)")
-    path = Path(args.run)
-    archive = Archive.open(path if path.is_dir() else args.runs_dir / args.run)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    archive = open_run(args)
+    device = default_device(args.device)
     replay = load_replay(archive, device=device, dtype=getattr(torch, args.dtype), model_dir=args.model_dir)
     if args.instances is not None:
         replay = with_instances(replay, args.first_instance or 0, args.instances)
@@ -96,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     tables = run_interventions(replay, config, progress=lambda it: tqdm(list(it), desc=archive.run_id, unit="batch",
                                                                       leave=False))
     seconds = time.perf_counter() - start
-    extra = {"command": ["cos", *getattr(args, "_argv", sys.argv[1:])], "device": device, "dtype": args.dtype,
+    extra = {"command": command(args, "intervene"), "device": device, "dtype": args.dtype,
              "seconds": round(seconds, 3)}
     for table in tables.values():
         table.attrs["cos_config"] = json.dumps({**json.loads(table.attrs["cos_config"]), **extra}, sort_keys=True)

@@ -1,5 +1,8 @@
 """One filter argument for layers and steps, normalised once: None, an int, "a:b[:c]", "1,5,9", a list, or a
-predicate. Owns only that; imports nothing heavy (the CLI and the archive reader use it too).
+predicate, resolved against the model into sorted unique indices with a ValueError naming what is out of range.
+
+Owns only that; the capturer and the run loop use it for layers, steps, token and decode steps. Imports the
+standard library only (no torch).
 """
 
 from __future__ import annotations

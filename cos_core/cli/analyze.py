@@ -11,15 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from .capture_cli import DEFAULT_RUNS_DIR
+from .common import add_runs_dir, int_list, run_dir, split
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .analysis.analyze import ANALYSES
-    from .analysis.probes import ENGINES, KINDS
+    from ..analysis.analyze import ANALYSES
+    from ..analysis.probes import ENGINES, KINDS
 
     p.add_argument("runs", nargs="*", help="run directories, or run ids under --runs-dir")
-    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help=f"default {DEFAULT_RUNS_DIR}")
+    add_runs_dir(p)
     p.add_argument("--all", action="store_true", help="analyse every complete run under --runs-dir")
     p.add_argument("--which", default="", help=f"comma list of {', '.join(ANALYSES)} (default: all that apply)")
     feat = p.add_argument_group("probe features")
@@ -43,28 +43,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     dyn.add_argument("--min-gain", type=float, default=0.1, help="score rise that counts as enhancement")
 
 
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def _config(args: argparse.Namespace):
-    from .analysis.analyze import AnalyzeConfig
-    from .analysis.dynamics import DynamicsConfig
-    from .analysis.features import FeatureSpec
+    from ..analysis.analyze import AnalyzeConfig
+    from ..analysis.dynamics import DynamicsConfig
+    from ..analysis.features import FeatureSpec
 
-    try:
-        frames = tuple(int(f) for f in _split(args.frames)) or None
-    except ValueError:
-        raise ValueError(f"--frames {args.frames!r} must be a comma list of frame indices") from None
+    frames = int_list(args.frames, "--frames", "frame indices") or None
     probe = {"kind": args.kind, "alpha": args.alpha, "n_folds": args.folds, "engine": args.engine,
              "device": args.device, "max_iter": args.max_iter, "control": not args.no_control}
     return AnalyzeConfig(features=FeatureSpec(site=args.site, reduction=args.reduction, frames=frames, pool=args.pool),
-                         branches=_split(args.branches) or None, labels=_split(args.labels) or None, probe=probe,
+                         branches=split(args.branches) or None, labels=split(args.labels) or None, probe=probe,
                          dynamics=DynamicsConfig(persist=args.persist, min_gain=args.min_gain))
 
 
 def _runs(args: argparse.Namespace) -> list[Path]:
-    from .archive import list_runs
+    from ..archive import list_runs
 
     if args.all:
         good, bad = list_runs(args.runs_dir)
@@ -75,21 +68,17 @@ def _runs(args: argparse.Namespace) -> list[Path]:
         return [a.path for a in good]
     if not args.runs:
         raise ValueError("name at least one run (a directory or a run id under --runs-dir), or pass --all")
-    paths = []
-    for run in args.runs:
-        path = Path(run)
-        paths.append(path if path.is_dir() else args.runs_dir / run)
-    return paths
+    return [run_dir(run, args.runs_dir) for run in args.runs]
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .analysis.analyze import analyze_run
-    from .archive import Archive
+    from ..analysis.analyze import analyze_run
+    from ..archive import Archive
 
     config = _config(args)
-    which = _split(args.which) or None
+    which = split(args.which) or None
     for path in _runs(args):
         archive = Archive.open(path)
         print(f"analysing {archive.run_id} ({archive.n_samples} samples)", file=sys.stderr)

@@ -1,8 +1,8 @@
-"""`cos train`: arguments and entry point for training the organism (wired into cos_core.cli by the lead).
+"""`cos train`: the flags and entry point for training the organism (`cos_core.organism.train`).
 
 Owns the flag names, the mapping flags -> `TrainConfig`, resume semantics (settings come from the checkpoint;
-only operational flags may be changed) and the progress bar. Imports only argparse and the presets at module level,
-so building the CLI parser needs no torch.
+only operational flags may be changed), the progress bar and the printed report. Imports only argparse, the presets
+and `common` at module level, so building the CLI parser needs no torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .presets import PRESETS
+from ..organism.presets import PRESETS
+from .common import default_device
 
 # flag dest -> TrainConfig field (flags left at None take the config's default, or the checkpoint's on --resume)
 FIELDS = ("preset", "steps", "batch_size", "lr", "warmup", "decay_frac", "weight_decay", "ema_decay",
@@ -63,10 +64,8 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> Any
     """Flags -> TrainConfig. With `saved` (a checkpoint's config) unset flags take the saved values."""
     import os
 
-    import torch
-
-    from .data import parse_tasks
-    from .train import TrainConfig
+    from ..organism.data import parse_tasks
+    from ..organism.train import TrainConfig
 
     values: dict[str, Any] = dict(saved) if saved else {}
     for name in FIELDS:
@@ -82,8 +81,7 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> Any
         if not isinstance(values["task_params"], dict):
             raise ValueError(f"--task-params must be a JSON object {{task: {{...}}}}, got {args.task_params!r}")
     if not saved:
-        cuda = torch.cuda.is_available()
-        values.setdefault("device", "cuda" if cuda else "cpu")
+        values.setdefault("device", default_device(None))
         on_cuda = str(values["device"]).startswith("cuda")
         values.setdefault("compile", on_cuda)
         values.setdefault("precision", "bf16" if on_cuda else "fp32")
@@ -97,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     """Train (or resume), then export weights, evaluate and write the model card. Returns the exit status."""
     from tqdm import tqdm
 
-    from .checkpoint import STATE_FILE
-    from .train import Trainer, finish
+    from ..organism.checkpoint import STATE_FILE
+    from ..organism.train import Trainer, finish
 
     out = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + "_ckpt")
@@ -130,13 +128,3 @@ def run(args: argparse.Namespace) -> int:
     for name, r in report.get("test", {}).get("tasks", {}).items():
         print(f"  {name}: {100 * r['accuracy']:.1f} % exact (n={r['n']})")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cos train", description="Train the cos-lab organism.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,10 +1,9 @@
 """VBVR-Bench layout reader: a folder of sample folders -> records of first frame, prompt and ground-truth video.
 
-A sample folder holds `first_frame.png`, `prompt.txt` and `ground_truth.mp4` (VBVR's generators also write
-`final_frame.png`, kept as an optional path). Sample folders may sit directly under the root or one level down,
-grouped by domain (`<root>/<domain>_task/<sample>/`), as VBVR's generators write them. The layout is validated
-when the bench is opened; images and prompts are read per record, videos decoded only when asked (PyAV, imported
-lazily). Must not import torch or diffusers.
+A sample folder holds `first_frame.png`, `prompt.txt`, `ground_truth.mp4` (and optionally `final_frame.png`), directly
+under the root or grouped by domain one level down (`<root>/<domain>_task/<sample>/`), as VBVR's generators write
+them. The layout is checked when the bench opens; images and prompts are read per record, videos decoded only when
+asked (PyAV, imported lazily). Must not import torch, diffusers or the rest of capture.
 """
 
 from __future__ import annotations

@@ -2,15 +2,13 @@
 pipeline, Wan2.1-1.3B's architecture with random weights (benchmarks), or any diffusers folder / hub id with
 prompts or a VBVR-Bench folder.
 
-Owns `Source` (pipeline, call kwargs, work items, scorer, labels for the manifest) and `load_source`. Imports torch
-and diffusers; never streamlit.
+Owns `SourceConfig` (what to load, as plain values), `Source` (pipeline, call kwargs, work items, scorer, labels for
+the manifest) and `load_source`. Imports torch and diffusers; never streamlit, argparse or experiments.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,42 @@ from typing import Any, Callable, ContextManager
 import numpy as np
 import torch
 
-from .capture_run import WorkItem
+from .run import WorkItem
 
-ORGANISM_DIR = Path(__file__).resolve().parent.parent / "models" / "organism"
+ORGANISM_DIR = Path(__file__).resolve().parents[2] / "models" / "organism"  # the shipped weights
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """What `load_source` loads. `model`: "organism" (default), "tiny:<family>", "random:<name>", or a diffusers
+    folder / hub id. The organism reads `task`, `instances`, `first_instance` (into the held-out seeds) and `members`;
+    other models read `prompts` or `vbvr`, `cpu_offload` and `device_map`. The generation overrides left at None
+    keep the model's own values. `members`: videos per pipeline call for a latent ensemble of that many seeds
+    (member m draws seed + m; None: a plain run), set up by `cos_core.experiments.merge`."""
+
+    model: str = "organism"
+    task: str = "maze"
+    instances: int = 4
+    first_instance: int = 0
+    prompts: tuple[str, ...] = ()
+    vbvr: Path | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    cpu_offload: bool = False
+    device_map: str | None = None
+    members: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.members is not None and self.members < 1:
+            raise ValueError(f"members={self.members} must be >= 1 (videos per pipeline call)")
+
+    def overrides(self) -> dict[str, Any]:
+        """The generation settings given, as pipeline call kwargs."""
+        keys = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -37,68 +68,44 @@ class Source:
     around: Callable[[], ContextManager] = contextlib.nullcontext  # entered around the capture (ensemble merging)
 
 
-def parse_ensemble(text: str | None) -> tuple[str, int, int] | None:
-    """'METHOD:K:N' (e.g. 'mean_x0_hat:4:4') -> (method, k, n); None stays None."""
-    if text is None:
-        return None
-    from .ensemble import MERGES
-
-    parts = text.split(":")
-    try:
-        method, k, n = parts[0], int(parts[1]), int(parts[2])
-        if len(parts) != 3:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise ValueError(f"--ensemble {text!r} must be METHOD:K:N, e.g. mean_x0_hat:4:4") from None
-    if method not in MERGES or k < 0 or n < 1:
-        raise ValueError(f"--ensemble {text!r}: METHOD one of {', '.join(MERGES)}, K >= 0 merged steps, N >= 1 seeds")
-    return method, k, n
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
-def load_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+def load_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
     if not seeds:
         raise ValueError("--seeds selects no seed")
-    if args.model == "organism":
-        return organism_source(args, device=device, dtype=dtype, seeds=seeds)
-    if getattr(args, "ensemble", None):
+    if config.model == "organism":
+        return organism_source(config, device=device, dtype=dtype, seeds=seeds)
+    if config.members is not None:
         raise ValueError("--ensemble runs the organism (its flow-matching scheduler and scored tasks); drop --model")
-    if args.model.startswith("tiny:"):
-        return tiny_source(args, device=device, dtype=dtype, seeds=seeds)
-    if args.model.startswith("random:"):
-        return random_source(args, device=device, dtype=dtype, seeds=seeds)
-    return pretrained_source(args, device=device, dtype=dtype, seeds=seeds)
+    if config.model.startswith("tiny:"):
+        return tiny_source(config, device=device, dtype=dtype, seeds=seeds)
+    if config.model.startswith("random:"):
+        return random_source(config, device=device, dtype=dtype, seeds=seeds)
+    return pretrained_source(config, device=device, dtype=dtype, seeds=seeds)
 
 
-def organism_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int],
+def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds: list[int],
                     model_dir: Path | None = None) -> Source:
-    from .organism.pipeline import DEFAULT_STEPS, OrganismPipeline
-    from .tasks import TEST_SEEDS, get_task
+    from ..organism.pipeline import DEFAULT_STEPS, OrganismPipeline
+    from ..tasks import TEST_SEEDS, get_task
 
     model_dir = Path(model_dir or ORGANISM_DIR)
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"no organism weights at {model_dir} (model_index.json missing); train them with "
                          "`cos train` or pass --model")
-    if args.instances < 1:
-        raise ValueError(f"--instances must be ≥ 1, got {args.instances}")
-    task = get_task(args.task)
-    ensemble = parse_ensemble(getattr(args, "ensemble", None))
-    members = ensemble[2] if ensemble else 1
+    if config.instances < 1:
+        raise ValueError(f"--instances must be ≥ 1, got {config.instances}")
+    task = get_task(config.task)
+    members = config.members
     pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
     items = []
-    for k in range(args.first_instance, args.first_instance + args.instances):
+    for k in range(config.first_instance, config.first_instance + config.instances):
         inst = task.instance(TEST_SEEDS[k])
         frame = torch.from_numpy(inst.first_frame).to(device=device, dtype=dtype)
         for seed in seeds:
             kwargs = {"first_frame": frame}
-            if ensemble:  # member m starts from seed + m's noise (member 0: the plain run of this seed)
+            if members is not None:  # member m starts from seed + m's noise (member 0: the plain run of this seed)
                 kwargs = {"first_frame": frame.expand(members, -1, -1, -1),
                           "latents": pipe.seed_noise(range(seed, seed + members))}
-            items.append(WorkItem(sample_id=f"{args.task}-{inst.seed}-s{seed}", seed=seed, task=args.task,
+            items.append(WorkItem(sample_id=f"{config.task}-{inst.seed}-s{seed}", seed=seed, task=config.task,
                                   instance=str(inst.seed), prompt=inst.prompt, labels=inst.labels, kwargs=kwargs))
     instances = {it.instance: task.instance(int(it.instance)) for it in items}
 
@@ -110,38 +117,27 @@ def organism_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype
         return {"answer": json.dumps(answer, sort_keys=True, default=str),
                 **{f"score_{k}": float(v) for k, v in task.score(answer, inst).items()}, **outcomes}
 
-    call = {"task": args.task, **_overrides(args)}
+    call = {"task": config.task, **config.overrides()}
     call.setdefault("num_inference_steps", DEFAULT_STEPS)
     steps = call["num_inference_steps"]
-    run_id = f"organism-{args.task}-{len(items)}x{steps}"
-    extra = {"task": args.task, "task_params": {}, "model_dir": str(model_dir)}
-    around: Callable[[], ContextManager] = contextlib.nullcontext
-    if ensemble:
-        from .ensemble import merged_steps
-
-        method, k, n = ensemble
-        if k > steps:
-            raise ValueError(f"--ensemble {method}:{k}:{n} merges {k} steps of only {steps}")
-        extra["ensemble"] = {"method": method, "k": k, "n": n, "captured_member": 0,
-                             "member_seeds": "seed + m for member m = 0..n-1"}
-        run_id = f"organism-{args.task}-{method}-k{k}-n{n}-{len(items)}x{steps}"
-        around = functools.partial(merged_steps, pipe.scheduler, method, k, n)
+    run_id = f"organism-{config.task}-{len(items)}x{steps}"
+    extra = {"task": config.task, "task_params": {}, "model_dir": str(model_dir)}
     return Source(pipe, call, items, label=f"organism:{model_dir.name}", default_run_id=run_id, score=score,
-                  extra=extra, members=members, around=around)
+                  extra=extra, members=members or 1)
 
 
-def tiny_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+def tiny_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
     from .tiny_pipelines import build_tiny
 
-    name = args.model.split(":", 1)[1]
+    name = config.model.split(":", 1)[1]
     case = build_tiny(name, dtype=dtype)
-    if getattr(args, "cpu_offload", False):
+    if config.cpu_offload:
         case.pipe.enable_model_cpu_offload(device=device)
     else:
         case.pipe.to(device)
     call = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.call_kwargs.items()
             if k != "output_type"}
-    call.update(_overrides(args))
+    call.update(config.overrides())
     items = [WorkItem(sample_id=f"seed{s}", seed=s, task="", instance="0") for s in seeds]
     return Source(case.pipe, call, items, label=f"tiny:{name}", default_run_id=f"tiny-{name}")
 
@@ -149,7 +145,7 @@ def tiny_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, se
 RANDOM_MODELS = ("wan2.1-1.3b",)
 
 
-def random_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+def random_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
     """`random:wan2.1-1.3b`: Wan2.1-T2V-1.3B's transformer with seeded random weights (no download), no text encoder
     or VAE, fixed seeded prompt embeddings: a real-size workload for capture and scaling benchmarks. Every rank
     builds the same weights and embeddings; the work items are one per seed."""
@@ -157,7 +153,7 @@ def random_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, 
 
     from .tiny_pipelines import wan_1_3b_transformer
 
-    name = args.model.split(":", 1)[1]
+    name = config.model.split(":", 1)[1]
     if name not in RANDOM_MODELS:
         allowed = ", ".join(f"random:{m}" for m in RANDOM_MODELS)
         raise ValueError(f"--model random:{name} is unknown; allowed: {allowed}")
@@ -168,41 +164,41 @@ def random_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, 
     embeds = torch.randn(2, 512, transformer.config.text_dim, generator=torch.Generator().manual_seed(0))
     embeds = embeds.to(device=device, dtype=dtype)
     call = {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:], "height": 480, "width": 832,
-            "num_frames": 33, "num_inference_steps": 20, "guidance_scale": 5.0, **_overrides(args)}
+            "num_frames": 33, "num_inference_steps": 20, "guidance_scale": 5.0, **config.overrides()}
     items = [WorkItem(sample_id=f"seed{s}", seed=s, task="", instance="0") for s in seeds]
     return Source(pipe, call, items, label=f"random:{name}", default_run_id=f"random-{name}-{len(items)}")
 
 
-def pretrained_source(args: argparse.Namespace, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
+def pretrained_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:
     """A real diffusers video pipeline from a folder or hub id (needs its weights on disk or network access)."""
     from diffusers import DiffusionPipeline
 
-    if args.device_map and args.cpu_offload:
+    if config.device_map and config.cpu_offload:
         raise ValueError("--device-map and --cpu-offload are alternatives: choose one")
-    extra = {"device_map": args.device_map} if args.device_map else {}
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, **extra)
-    if args.cpu_offload:
+    extra = {"device_map": config.device_map} if config.device_map else {}
+    pipe = DiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype, **extra)
+    if config.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
-    elif not args.device_map:
+    elif not config.device_map:
         pipe.to(device)
-    call = {"num_inference_steps": 50, **_overrides(args)}
+    call = {"num_inference_steps": 50, **config.overrides()}
     items: list[WorkItem] = []
-    if args.vbvr is not None:
+    if config.vbvr is not None:
         from .vbvr import load_vbvr
 
-        for rec in load_vbvr(args.vbvr):
+        for rec in load_vbvr(config.vbvr):
             for seed in seeds:
                 kwargs = {"prompt": rec.prompt}
                 if "ImageToVideo" in type(pipe).__name__:
                     kwargs["image"] = rec.image
                 items.append(WorkItem(sample_id=f"{rec.sample_id}-s{seed}", seed=seed, task="vbvr",
                                       instance=rec.sample_id, prompt=rec.prompt, kwargs=kwargs))
-    elif args.prompt:
-        for k, prompt in enumerate(args.prompt):
+    elif config.prompts:
+        for k, prompt in enumerate(config.prompts):
             for seed in seeds:
                 items.append(WorkItem(sample_id=f"p{k}-s{seed}", seed=seed, instance=str(k), prompt=prompt,
                                       kwargs={"prompt": prompt}))
     else:
-        raise ValueError(f"--model {args.model}: give --prompt or --vbvr to say what to generate")
-    name = Path(str(args.model)).name or "model"
-    return Source(pipe, call, items, label=str(args.model), default_run_id=f"{name}-{len(items)}")
+        raise ValueError(f"--model {config.model}: give --prompt or --vbvr to say what to generate")
+    name = Path(str(config.model)).name or "model"
+    return Source(pipe, call, items, label=str(config.model), default_run_id=f"{name}-{len(items)}")

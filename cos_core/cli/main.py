@@ -1,7 +1,8 @@
-"""The `cos` command: `cos capture | train | analyze | intervene | ensemble`, one subcommand module each.
+"""The `cos` command: `cos capture | train | analyze | intervene | ensemble`, one module of this package each.
 
 Owns only dispatch and error reporting: a ValueError from the library (bad input) becomes a one-line message and
-exit code 2, never a traceback. Subcommand modules are imported lazily so `cos --help` is instant.
+exit code 2, never a traceback. A subcommand module has `add_arguments(parser)` and `run(args) -> int`; it is
+imported when the parser is built, its library imports stay inside `run`. Nothing outside `cli` imports this.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import sys
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "capture": ("cos_core.capture_cli", "run a video diffusion pipeline with capture on and write an archive"),
-    "train": ("cos_core.organism.train_cli", "train the small Wan-architecture organism on the reasoning tasks"),
-    "analyze": ("cos_core.analyze_cli", "compute probe grids, step dynamics and memory tables into derived/"),
-    "intervene": ("cos_core.intervene_cli", "re-run an organism run with noise at a step/frame or a layer swapped; "
+    "capture": ("cos_core.cli.capture", "run a video diffusion pipeline with capture on and write an archive"),
+    "train": ("cos_core.cli.train", "train the small Wan-architecture organism on the reasoning tasks"),
+    "analyze": ("cos_core.cli.analyze", "compute probe grids, step dynamics and memory tables into derived/"),
+    "intervene": ("cos_core.cli.intervene", "re-run an organism run with noise at a step/frame or a layer swapped; "
                   "write intervention and CKA propagation tables into derived/"),
-    "ensemble": ("cos_core.ensemble_cli", "merge n seeds' latents during the first K steps and score the result "
+    "ensemble": ("cos_core.cli.ensemble", "merge n seeds' latents during the first K steps and score the result "
                  "against single seeds and the noise-mean control; write derived/ensemble"),
 }
 
@@ -45,7 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: say what is wrong, no traceback
         print(f"cos {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

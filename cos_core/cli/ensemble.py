@@ -1,7 +1,8 @@
 """`cos ensemble`: measure the latent ensemble on an organism task run and write ``derived/ensemble*.parquet``.
 
 Owns argument parsing, the resolved run path, the progress bar and the printed one-line JSON summary. The
-measurement itself is `cos_core.ensemble.ensemble_run`; the library only logs. Never imports streamlit.
+measurement itself is `cos_core.experiments.ensemble.ensemble_run`; the library only logs. Never imports
+streamlit.
 """
 
 from __future__ import annotations
@@ -9,18 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .capture_cli import DEFAULT_RUNS_DIR
-
-DTYPES = ("float32", "bfloat16", "float16")
+from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, command, default_device, int_list, open_run,
+                     split)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .ensemble import METHODS
+    from ..experiments.ensemble import METHODS
 
     p.add_argument("run", help="an organism task run: a directory, or a run id under --runs-dir")
-    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help=f"default {DEFAULT_RUNS_DIR}")
+    add_runs_dir(p)
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma list of {', '.join(METHODS)} (default all; the plain model 'none' is always in)")
     p.add_argument("--k", default="0,1,2,4", help="steps merged, comma list (default 0,1,2,4)")
@@ -30,30 +29,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure the task's held-out instances TEST_SEEDS[F:F+N] (default: the run's own instances)")
     p.add_argument("--first-instance", type=int, default=None, help="F for --instances (default 0)")
     p.add_argument("--seed-base", type=int, default=0, help="member m draws noise seed SEED_BASE + m (default 0)")
-    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
+    add_device(p)
+    add_dtype(p)
     p.add_argument("--batch-size", type=int, default=128, help="videos per pipeline call at most (default 128)")
-    p.add_argument("--model-dir", type=Path, default=None, help="organism weights (default models/organism)")
+    add_model_dir(p)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{flag} {text!r} must be a comma list of integers") from None
+    values = int_list(text, flag)
     if not values:
         raise ValueError(f"{flag} {text!r} names no value")
     return values
 
 
 def config_from_args(args: argparse.Namespace):
-    from .ensemble import EnsembleConfig
+    from ..experiments.ensemble import EnsembleConfig
 
     if args.first_instance is not None and args.instances is None:
         raise ValueError("--first-instance needs --instances (without it the run's own instances are measured)")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    return EnsembleConfig(methods=methods, ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"), steps=args.steps,
-                          instances=args.instances, first_instance=args.first_instance or 0,
+    return EnsembleConfig(methods=split(args.methods), ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"),
+                          steps=args.steps, instances=args.instances, first_instance=args.first_instance or 0,
                           seed_base=args.seed_base, batch_size=args.batch_size)
 
 
@@ -61,17 +56,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .archive import Archive
-    from .ensemble import SAMPLES_TABLE, TABLE, ensemble_run
+    from ..experiments.ensemble import SAMPLES_TABLE, TABLE, ensemble_run
 
     config = config_from_args(args)
-    path = Path(args.run)
-    archive = Archive.open(path if path.is_dir() else args.runs_dir / args.run)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    archive = open_run(args)
+    device = default_device(args.device)
     print(f"ensemble on {archive.run_id} ({device}, {args.dtype})", file=sys.stderr)
     table, samples = ensemble_run(
         archive, config, device=device, dtype=getattr(torch, args.dtype), model_dir=args.model_dir,
-        command=["cos", *getattr(args, "_argv", ["ensemble", *sys.argv[1:]])],
+        command=command(args, "ensemble"),
         progress=lambda it: tqdm(list(it), desc=archive.run_id, unit="call", leave=False))
     base = table[table["method"] == "none"]["accuracy"]
     best = table.sort_values("accuracy", ascending=False, kind="stable").iloc[0]

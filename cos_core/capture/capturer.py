@@ -1,10 +1,9 @@
 """Hooks that record a diffusers video pipeline step by step without changing what it generates.
 
 Owns `CaptureSpec` (what to record) and `Capturer`, a context manager that wraps `scheduler.step` (x_t, guided v̂,
-x̂0, σ, t), each expert's `cache_context` (CFG branch names) and every transformer block (hidden states, reduced
-on the device), and removes everything in `finally`. The step index comes from the pipeline's own loop through
-`callback_on_step_end`; hooks only predict it and the callback checks the prediction. Imports torch, never
-streamlit; diffusers only through the pipeline object it is given.
+x̂0, σ, t), follows each expert's CFG branch and hooks every block (hidden states reduced on the device), all through
+`hooks.py`, removed in `finally`. The step index comes from the pipeline's `callback_on_step_end`; hooks only predict
+it. Imports torch; diffusers only through the pipeline it is given; never streamlit, analysis or experiments.
 """
 
 from __future__ import annotations
@@ -19,10 +18,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..archive.schema import BRANCHES, STEP_TENSORS, act_key, token_key
 from . import families as fam
-from .archive import BRANCHES, STEP_TENSORS, act_key, token_key
 from .context_parallel import check_tokens, gather_tokens
-from .reductions import DEFAULT, Reducer, check_reduction, reduced_shape
+from .hooks import BranchTracker, hooked, patched
+from .reductions import DEFAULT, Reducer, check_reduction
 from .selection import select
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ class _Sample:
     expert: str | None = None
     grid: tuple[int, int, int] | None = None
     latent_fhw: tuple[int, int, int] | None = None
-    context: str | None = None
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     filled: dict[str, np.ndarray] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)
@@ -88,7 +87,7 @@ class Capturer:
 
     def __init__(self, pipe: Any, spec: CaptureSpec, n_steps: int | None = None, members: int = 1):
         """`members`: videos per pipeline call, of which the first is recorded (a latent ensemble runs its n
-        members in one call; see `cos_core.ensemble`)."""
+        members in one call; see `cos_core.experiments.merge`)."""
         if members < 1:
             raise ValueError(f"members must be >= 1, got {members}")
         self.pipe, self.spec, self.members = pipe, spec, members
@@ -109,8 +108,8 @@ class Capturer:
         if n_steps is not None:
             self._resolve_steps(n_steps)
         self._pool: dict[str, torch.Tensor] = {}  # host buffers reused across samples (pinned allocs are slow)
-        self._handles: list[Any] = []
-        self._patched: list[tuple[Any, str, Any, bool]] = []
+        self._branch = BranchTracker()  # the CFG branch of the transformer call now running (separate-call families)
+        self._installed = contextlib.ExitStack()
         self.s = _Sample()
 
     # ---- selection -----------------------------------------------------------------------------------------
@@ -126,37 +125,19 @@ class Capturer:
 
     # ---- install / remove --------------------------------------------------------------------------------
     def __enter__(self) -> "Capturer":
-        try:
+        with contextlib.ExitStack() as stack:  # a failure half-way removes what was installed so far
             for name, module in self.experts:
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
-                self._patch(module, "cache_context", self._wrap_context(module.cache_context))
+                stack.enter_context(hooked(module, self._pre_hook(name), pre=True, with_kwargs=True))
+                stack.enter_context(self._branch.track(module))
                 for layer, block in enumerate(fam.blocks(self.family, module)):
                     if layer in self._hooked:
-                        self._handles.append(block.register_forward_hook(self._block_hook(layer, module)))
-            self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler.step))
-        except BaseException:
-            self._remove()
-            raise
+                        stack.enter_context(hooked(block, self._block_hook(layer, module)))
+            stack.enter_context(patched(self.pipe.scheduler, "step", self._wrap_step))
+            self._installed = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _patch(self, obj: Any, attr: str, value: Callable) -> None:
-        had = attr in vars(obj)
-        self._patched.append((obj, attr, vars(obj)[attr] if had else None, had))
-        setattr(obj, attr, value)
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for obj, attr, old, had in reversed(self._patched):
-            if had:
-                setattr(obj, attr, old)
-            else:
-                delattr(obj, attr)
-        self._patched.clear()
+        self._installed.close()
 
     @property
     def _videos(self) -> str:
@@ -175,20 +156,9 @@ class Capturer:
             check_tokens(module, f * h * w)
         return hook
 
-    def _wrap_context(self, original: Callable) -> Callable:
-        @contextlib.contextmanager
-        def cache_context(name, *args, **kwargs):
-            previous, self.s.context = self.s.context, name
-            try:
-                with original(name, *args, **kwargs):
-                    yield
-            finally:
-                self.s.context = previous
-        return cache_context
-
     def _branches(self, batch: int) -> list[tuple[str, int]]:
         """[(branch, batch index)] for one transformer call, from the family's CFG layout."""
-        name, m = self.s.context, self.members
+        name, m = self._branch.name, self.members
         if self.family.batched_cfg:
             if batch == 2 * m:
                 return [("uncond", 0), ("cond", m)]

@@ -1,9 +1,8 @@
-"""Writing a run archive atomically and resumably (the schema is in `archive.py`'s docstring).
-
-Owns the ``<run_id>.partial`` working directory, shard writes (temp file, fsync, rename), resume checks and the
-final publish (samples table, manifest last, directory rename). Imports numpy/pandas/safetensors only.
-Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs the process at the n-th arrival at one of
-`FAULT_POINTS` (docs/reliability.md); unset, each point costs one global look-up.
+"""Writing a run archive atomically and resumably: the ``<run_id>.partial`` directory, shard writes (temp file,
+fsync, rename), resume checks, the final publish (samples table, the `Manifest` built from its producers' parts and
+written last, directory rename) and `atomic_write`. Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs
+the process at the n-th arrival at one of `FAULT_POINTS` (docs/reliability.md); unset, each costs one look-up.
+Imports numpy/pandas/safetensors and `schema`/`manifest` only: never the reader, capture or torch.
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .archive import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEMA_VERSION, SHARD_DIR,
-                      ArchiveError, atomic_write, check_name, shard_name)
-from .archive_manifest import read_manifest
+from .manifest import read_manifest
+from .schema import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEMA_VERSION, SHARD_DIR, ArchiveError,
+                     Manifest, check_name, shard_name)
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "COS_FAULT_POINT"
@@ -161,8 +160,10 @@ class RunWriter:
         return json.loads(meta["row"]), json.loads(meta["layout"])
 
     # ---- publish -----------------------------------------------------------------------------------------
-    def finalize(self, n_samples: int, manifest: dict[str, Any]) -> Path:
-        """Check every sample is written, write samples.parquet and the manifest (last), then rename."""
+    def finalize(self, n_samples: int, record: dict[str, Any]) -> Path:
+        """Check every sample is written, write samples.parquet and the manifest (last), then rename.
+
+        `record`: the capture run's manifest keys (how the run was made); the shards hold capture's layout."""
         if n_samples < 1:
             raise ArchiveError(f"cannot finalize {self.run_id}: a run needs at least one sample")
         missing = sorted(set(range(n_samples)) - self.finished())
@@ -177,6 +178,7 @@ class RunWriter:
                 raise ArchiveError(f"sample {i} of {self.run_id} was captured with a different layout than sample "
                                    "0 (selection or shapes changed between work items)")
             rows.append({**row, "sample": i, "shard": shard_name(i)})
+        manifest = Manifest.build(run_id=self.run_id, n_samples=n_samples, layout=layout or {}, record=record)
         table = pd.DataFrame(rows)
         if "sample_id" in table and table["sample_id"].duplicated().any():
             raise ArchiveError(f"duplicate sample_id in {self.run_id}: {table['sample_id'][table['sample_id'].duplicated()].tolist()[:5]}")
@@ -186,10 +188,7 @@ class RunWriter:
 
         atomic_write(self.partial_dir / SAMPLES, write_samples)
         if _FAULT: _fault("samples.done")
-        body = {**manifest, **(layout or {}), "schema_version": SCHEMA_VERSION, "complete": True,
-                "run_id": self.run_id, "n_samples": n_samples,
-                "shards": [shard_name(i) for i in range(n_samples)]}
-        text = json.dumps(body, indent=1, sort_keys=True, default=_json_default)
+        text = json.dumps(manifest.to_json(), indent=1, sort_keys=True, default=_json_default)
 
         def write_manifest(tmp: Path) -> None:
             Path(tmp).write_text(text, encoding="utf-8")
@@ -230,3 +229,18 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable in a manifest")
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Write through a temporary sibling, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,8 +1,8 @@
-"""Runs a pipeline over work items (instance x seed) with capture on, writing one archive shard per item.
+"""The run loop: a pipeline over work items (instance x seed) with capture on, writing one archive shard per item.
 
-Owns `WorkItem`, the per-run manifest contents (model, scheduler, versions, command) and decoding of chosen
-x̂0 steps. Resumable: items whose shard exists are skipped; a run with a different configuration is refused.
-Imports torch; diffusers only through the pipeline object; never streamlit.
+Owns `WorkItem`, the capture run's manifest keys (model, scheduler, versions, command, timing: `Manifest`'s "capture
+run" part) and decoding of chosen x̂0 steps. Resumable: items whose shard exists are skipped; a run with a different
+configuration is refused. Imports torch; diffusers only through the pipeline object; never streamlit or experiments.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from ..archive.writer import RunWriter
 from . import families as fam
-from .archive_writer import RunWriter
-from .capture import Capturer, CaptureSpec
+from .capturer import Capturer, CaptureSpec
 from .distributed import Ranks, from_env
 from .selection import select
 
@@ -170,9 +170,9 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
         # wall time of the capture phase, all ranks together (from the configuration barrier to the last shard)
         timing = {"capture_s": round(time.perf_counter() - started, 3), "world_size": ranks.world,
                   "context_parallel": ranks.cp, "captured_here": len(items) - len(done)}
-        manifest = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timing": timing,
-                    "command": command if command is not None else sys.argv, "config": config,
-                    "versions": versions(), "model": info}
-        writer.finalize(len(items), manifest)
+        record = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "timing": timing,
+                  "command": command if command is not None else sys.argv, "config": config,
+                  "versions": versions(), "model": info}
+        writer.finalize(len(items), record)
     ranks.barrier()  # the run is published
     return writer.final_dir

@@ -1,8 +1,8 @@
-"""`cos capture`: the command-line front of capture — model loading, work items, flags, progress bar.
+"""`cos capture`: the command-line front of capture — flags, ranks and devices, progress bar.
 
-Owns argument parsing and turning a model argument into (pipeline, call kwargs, work items, scorer):
-the shipped organism (default), `tiny:<family>` (tiny random diffusers pipelines, for smoke tests and teaching),
-or any diffusers folder / hub id through `DiffusionPipeline.from_pretrained`. Prints; the library only logs.
+Owns the flags and turning them into library values: a `SourceConfig` (the shipped organism by default,
+`tiny:<family>`, `random:wan2.1-1.3b`, or any diffusers folder / hub id), a `CaptureSpec`, the torchrun ranks and
+context parallelism, and `--ensemble` (a `MergeSpec` wrapped around the source). Prints; the library only logs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from .archive import BRANCHES, STEP_TENSORS
-from .reductions import HELP as REDUCTION_HELP
-
-DEFAULT_RUNS_DIR = "cached_runs"
+from ..archive.schema import BRANCHES, STEP_TENSORS
+from ..capture.reductions import HELP as REDUCTION_HELP
+from .common import add_device, add_dtype, add_runs_dir, command, default_device, seeds, split
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--height", type=int, help="video height in pixels (hub models)")
     gen.add_argument("--width", type=int, help="video width in pixels (hub models)")
     gen.add_argument("--num-frames", type=int, help="video frames (hub models)")
-    gen.add_argument("--device", default=None, help="torch device, default cuda if available else cpu")
+    add_device(gen)
     gen.add_argument("--cpu-offload", action="store_true",
                      help="diffusers model CPU offload (large models on one GPU); capture is unchanged")
     gen.add_argument("--device-map", default=None, help="diffusers device_map for from_pretrained, e.g. "
@@ -57,8 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "that returns log-sum-exp, e.g. --attention-backend _native_cudnn or flash on GPUs)")
     gen.add_argument("--attention-backend", default=None,
                      help="diffusers attention backend for the transformer(s), e.g. native, _native_cudnn, flash")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="model dtype (default float32; bfloat16 for large models on GPU)")
+    add_dtype(gen, help="model dtype (default float32; bfloat16 for large models on GPU)")
     sel = p.add_argument_group("what to record")
     sel.add_argument("--layers", default="all", help="blocks to hook: 'all', 'a:b[:c]' or '0,5,9'")
     sel.add_argument("--steps", default="all", help="steps whose activations are kept: 'all', 'a:b[:c]', '0,5'")
@@ -73,17 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="dtype of stored reductions and x_t/v_hat/x0_hat (float16 halves the archive)")
     sel.add_argument("--proj-seed", type=int, default=0, help="seed of the proj<d'> random projection")
     out = p.add_argument_group("output")
-    out.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where runs live (default "
-                                                                                  f"{DEFAULT_RUNS_DIR})")
+    add_runs_dir(out)
     out.add_argument("--run-id", help="run directory name (default derived from model and task); an unfinished "
                                       "run with the same id and configuration is resumed")
 
 
 def _spec(args: argparse.Namespace):
-    from .capture import CaptureSpec
-
-    def split(text: str) -> tuple[str, ...]:
-        return tuple(x.strip() for x in text.split(",") if x.strip())
+    from ..capture import CaptureSpec
 
     tokens = []
     for pair in split(args.tokens):
@@ -98,30 +92,27 @@ def _spec(args: argparse.Namespace):
                        store_dtype=args.store_dtype)
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        out = []
-        for part in (s.strip() for s in text.split(",") if s.strip()):
-            if ":" in part:  # a range 'a:b' (b excluded)
-                low, high = (int(v) for v in part.split(":"))
-                out.extend(range(low, high))
-            else:
-                out.append(int(part))
-        return out
-    except ValueError:
-        raise ValueError(f"--seeds {text!r} must be a comma list of integers or ranges 'a:b'") from None
+def _source_config(args: argparse.Namespace, members: int | None):
+    from ..capture.sources import SourceConfig
+
+    return SourceConfig(model=args.model, task=args.task, instances=args.instances, first_instance=args.first_instance,
+                        prompts=tuple(args.prompt or ()), vbvr=args.vbvr, num_inference_steps=args.num_inference_steps,
+                        guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                        num_frames=args.num_frames, cpu_offload=args.cpu_offload, device_map=args.device_map,
+                        members=members)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .capture_run import capture_run
-    from .context_parallel import ContextParallel
-    from .context_parallel import enable as enable_context_parallel
-    from .distributed import from_env
-    from .families import experts
-    from .model_sources import load_source
+    from ..capture.context_parallel import ContextParallel
+    from ..capture.context_parallel import enable as enable_context_parallel
+    from ..capture.distributed import from_env
+    from ..capture.families import experts
+    from ..capture.run import capture_run
+    from ..capture.sources import load_source
+    from ..experiments.merge import MergeSpec, merged_capture
 
     cp = ContextParallel(ring=args.ring_degree, ulysses=args.ulysses_degree)
     cp.check_world(int(os.environ.get("WORLD_SIZE", "1")))
@@ -130,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                          "device: drop --cpu-offload/--device-map")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # under torchrun rank r of a node uses GPU r; an explicit --device (e.g. cuda:0) lets ranks share one GPU
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device, local_rank)
     cuda = torch.device(device).type == "cuda"
     if cuda and cp.enabled:
         if args.device is not None:
@@ -140,8 +131,11 @@ def run(args: argparse.Namespace) -> int:
     # one process, or this rank of a torchrun / accelerate launch job
     ranks = from_env(cp.size, cuda=cuda)
     spec = _spec(args)
-    seeds = _seeds(args.seeds)
-    source = load_source(args, device=device, dtype=getattr(torch, args.dtype), seeds=seeds)
+    merge = MergeSpec.parse(args.ensemble) if args.ensemble is not None else None
+    config = _source_config(args, members=merge.n if merge is not None else None)
+    source = load_source(config, device=device, dtype=getattr(torch, args.dtype), seeds=seeds(args.seeds))
+    if merge is not None:
+        source = merged_capture(source, merge)
     if cp.enabled:
         enable_context_parallel(source.pipe, cp, ranks.world, attention_backend=args.attention_backend)
     elif args.attention_backend:
@@ -157,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         path = capture_run(source.pipe, source.items, spec, runs_dir=runs_dir, run_id=run_id,
                            call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
                            decode_steps=args.decode_steps, score=source.score,
-                           command=["cos", *getattr(args, "_argv", sys.argv[1:])],
+                           command=command(args, "capture"),
                            extra=source.extra, ranks=ranks, members=source.members,
                            progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
                                                     else "samples", unit="sample", position=ranks.rank,

@@ -1,14 +1,9 @@
-"""Context parallelism under capture: diffusers splits each video's tokens across the ranks of a group (Ulysses
-all-to-all and/or ring attention), so one video that does not fit one device runs on several.
+"""Context parallelism under capture: diffusers splits each video's tokens over a group of ranks (Ulysses and/or
+ring attention); ranks g*cp .. g*cp+cp-1 form group g (one node), one data-parallel rank whose first rank writes.
 
-Owns the device mesh (data-parallel groups × context-parallel groups), turning diffusers' context parallelism on
-for every expert, and `gather_tokens`, which rebuilds a block's full token sequence from the group's shards so
-capture records exactly what a single process would (token → (frame, row, col) unchanged). Imports torch and
-diffusers; never streamlit.
-
-Layout: ranks `g*cp … g*cp + cp − 1` form context-parallel group g (consecutive ranks, so a group stays on one
-node); each group is one data-parallel rank and captures its share of the work items; the group's first rank
-writes the shards.
+Owns the device mesh, turning diffusers' context parallelism on for every expert, and `gather_tokens`, which rebuilds
+a block's full token sequence from the group's shards so capture records what one process would (token -> (frame,
+row, col) unchanged). Imports torch and diffusers; never streamlit, archive or experiments.
 """
 
 from __future__ import annotations
@@ -19,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .hooks import patched
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +46,12 @@ class ContextParallel:
                              f"launch with torchrun --nproc_per_node={self.size} (or a multiple)")
 
 
-@contextlib.contextmanager
-def _cpu_device_count():
+def _cpu_device_count() -> contextlib.AbstractContextManager:
     """diffusers picks the mesh device as `rank % torch.accelerator.device_count()`, which divides by zero on a
     machine without an accelerator; on such a machine count the CPU as one device while it builds the mesh."""
     if torch.accelerator.device_count() > 0:
-        yield
-        return
-    original = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = original
+        return contextlib.nullcontext()
+    return patched(torch.accelerator, "device_count", lambda original: lambda: 1)
 
 
 def enable(pipe: Any, cp: ContextParallel, world: int, *, attention_backend: str | None = None) -> None:

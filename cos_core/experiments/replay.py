@@ -16,12 +16,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .archive import Archive
-from .capture_run import WorkItem
-from .tasks import Instance, Task
+from ..archive import Archive
+from ..capture.run import WorkItem
+from ..capture.sources import ORGANISM_DIR
+from ..tasks import Instance, Task
 
 log = logging.getLogger(__name__)
-ORGANISM_DIR = Path(__file__).resolve().parent.parent / "models" / "organism"
 Callback = Callable[[Any, int, Any, dict], dict]
 
 
@@ -75,17 +75,15 @@ class Replay:
 
     def score(self, item: WorkItem, final: np.ndarray) -> dict[str, Any]:
         """`correct` (bool), `score` (float) and `answer_key` (the discrete answer, None if unreadable)."""
-        from .analysis.step_frames import answer_key
-
         answer = self.task.extract(final)
         scores = self.task.score(answer, self.instance(item))
         return {"correct": bool(scores["correct"]), "score": float(scores["score"]),
-                "answer_key": answer_key(self.task.name, answer)}
+                "answer_key": self.task.answer_key(answer)}
 
 
 def held_out_instances(first: int, n: int) -> list[int]:
     """The task's held-out instance seeds TEST_SEEDS[first:first + n] (never seen in training), validated."""
-    from .tasks import TEST_SEEDS
+    from ..tasks import TEST_SEEDS
 
     if n < 1 or first < 0:
         raise ValueError(f"--instances {n} must be >= 1 and --first-instance {first} >= 0")
@@ -100,8 +98,8 @@ def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "
 
     `model_dir` defaults to the shipped organism (the manifest's own path is from the machine that made the run);
     ValueError when the run is not an organism task run or the weights are missing."""
-    from .analysis.step_frames import run_tasks, task_for
-    from .organism.pipeline import OrganismPipeline
+    from ..analysis.step_frames import run_tasks, task_for
+    from ..organism.pipeline import OrganismPipeline
 
     archive = archive if isinstance(archive, Archive) else Archive.open(archive)
     source = str(archive.manifest.get("model", {}).get("source", ""))

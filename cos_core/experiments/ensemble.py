@@ -1,9 +1,8 @@
 """The latent ensemble (paper §6) as a measurement: n seeds of one task instance merged during the first K steps.
 
-Owns the merge operators (`merged_steps`, a wrapper around a flow-matching scheduler's `step` removed in `finally`),
-the noise-mean control, the sweep over (method, K, n) that scores member 0's final video per instance, and the
-`ensemble` / `ensemble_samples` tables with instance-bootstrap intervals. Runs the organism through
-`cos_core.replay`; must not import streamlit or diffusers (the scheduler is recognised by its class name).
+Owns the sweep over (method, K, n) that scores member 0's final video per instance (against the plain model and the
+noise-mean control) and the `ensemble` / `ensemble_samples` tables with instance-bootstrap intervals. The merge
+operators are `merge.py`; the organism runs through `replay.py`. Must not import streamlit or diffusers.
 """
 
 from __future__ import annotations
@@ -13,23 +12,23 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
-from .capture_run import WorkItem
-from .replay import ORGANISM_DIR, Replay, held_out_instances
+from ..analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
+from ..capture.run import WorkItem
+from ..capture.sources import ORGANISM_DIR
+from .merge import MERGES, check_flow_matching, merged_steps, noise_mean_start
+from .replay import Replay, held_out_instances
 
 log = logging.getLogger(__name__)
 
-MERGES = ("mean_x_t", "mean_v_hat", "mean_x0_hat")
 CONTROL = "noise_mean"  # one trajectory from the mean of n noises (k does not apply: recorded as 0)
 BASELINE = "none"  # member 0 alone: the plain model (k = 0, n = 1); always in the table
 METHODS = (*MERGES, CONTROL)
-FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 TABLE, SAMPLES_TABLE = "ensemble", "ensemble_samples"
 
 
@@ -74,79 +73,6 @@ class EnsembleConfig:
         over = sorted(k for k in self.ks if k > n_steps)
         if over:
             raise ValueError(f"k {over} exceed the {n_steps} denoising steps; allowed: 0..{n_steps}")
-
-
-# ---- merge operators ------------------------------------------------------------------------------------------
-def check_flow_matching(scheduler: Any) -> None:
-    """ValueError unless `scheduler` is a deterministic FlowMatchEulerDiscreteScheduler (x̂0 = x_t − σ v̂)."""
-    names = [c.__name__ for c in type(scheduler).__mro__]
-    if FLOW_SCHEDULER not in names:
-        raise ValueError(f"the latent ensemble needs a {FLOW_SCHEDULER} (x0_hat = x_t - sigma * v_hat); "
-                         f"this pipeline has {type(scheduler).__name__}")
-    if getattr(scheduler.config, "stochastic_sampling", False):
-        raise ValueError(f"{FLOW_SCHEDULER} with stochastic_sampling=True re-draws noise each step; "
-                         "the merge operators need the deterministic Euler step")
-
-
-def group_mean(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(G*n, ...) -> (G*n, ...): every member replaced by the mean of its group of n consecutive members."""
-    assert x.shape[0] % n == 0, f"batch {x.shape[0]} is not whole groups of {n}"
-    g = x.reshape(x.shape[0] // n, n, *x.shape[1:])  # (group, member, ...)
-    return g.mean(dim=1, keepdim=True).expand_as(g).reshape(x.shape)
-
-
-def noise_mean_start(noise: torch.Tensor, n: int) -> torch.Tensor:
-    """(G*n, C, F, H, W) member noises -> (G, C, F, H, W): each group's mean (std 1/√n, not rescaled)."""
-    assert noise.shape[0] % n == 0, f"batch {noise.shape[0]} is not whole groups of {n}"
-    return noise.reshape(noise.shape[0] // n, n, *noise.shape[1:]).mean(dim=1)
-
-
-@contextlib.contextmanager
-def merged_steps(scheduler: Any, method: str, k: int, n: int) -> Iterator[None]:
-    """Inside the block, `scheduler.step` merges each group of n consecutive batch members during steps < k.
-
-    mean_x_t: the Euler step, then every member takes its group's mean x_next. mean_v_hat: the step with the
-    group-mean v̂. mean_x0_hat: x_next_i = (1 − σ_next)·mean(x̂0) + σ_next·ε̂_i, with x̂0 = x_t − σ v̂ and
-    ε̂ = x_t + (1 − σ) v̂. σ, σ_next are read from the scheduler's `sigmas` at its `step_index`, as it does."""
-    check_flow_matching(scheduler)
-    if method not in MERGES:
-        raise ValueError(f"merge method {method!r} unknown; allowed: {', '.join(MERGES)}")
-    had_own = "step" in vars(scheduler)  # someone else's wrapper stays in place after ours
-    previous = vars(scheduler).get("step")
-    original = scheduler.step
-
-    def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("per_token_timesteps") is not None:
-            raise ValueError("the merge operators do not support per_token_timesteps")
-        if scheduler.step_index is None:
-            scheduler._init_step_index(timestep)
-        index = int(scheduler.step_index)
-        if index >= k or n == 1:
-            return original(model_output, timestep, sample, *args, **kwargs)
-        if method == "mean_v_hat":
-            v_bar = group_mean(model_output.float(), n).to(model_output.dtype)
-            return original(v_bar, timestep, sample, *args, **kwargs)
-        out = original(model_output, timestep, sample, *args, **kwargs)  # also advances step_index
-        prev = out[0] if isinstance(out, tuple) else out.prev_sample
-        if method == "mean_x_t":
-            merged = group_mean(prev.float(), n)
-        else:  # mean_x0_hat
-            sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
-            sigma_next = scheduler.sigmas[index + 1].to(device=sample.device, dtype=torch.float32)
-            x, v = sample.float(), model_output.float()
-            x0_hat, eps_hat = x - sigma * v, x + (1.0 - sigma) * v  # (B, C, F, H, W) each
-            merged = (1.0 - sigma_next) * group_mean(x0_hat, n) + sigma_next * eps_hat
-        merged = merged.to(prev.dtype)
-        return (merged, *out[1:]) if isinstance(out, tuple) else type(out)(prev_sample=merged)
-
-    scheduler.step = step
-    try:
-        yield
-    finally:
-        if had_own:
-            scheduler.step = previous
-        else:
-            del scheduler.step
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------------
@@ -298,8 +224,8 @@ def ensemble_run(archive: Any, config: EnsembleConfig = EnsembleConfig(), *, dev
 
     Everything is validated before the model runs; the tables are written only after every job finished, each
     carrying the resolved config and the command in its ``cos_config`` parquet metadata."""
-    from . import __version__
-    from .archive import Archive
+    from .. import __version__
+    from ..archive import Archive
     from .replay import load_replay
 
     archive = archive if isinstance(archive, Archive) else Archive.open(archive)

@@ -1,50 +1,15 @@
-"""The run archive: its on-disk schema (below, the one place it is written down) and the lazy reader.
+"""The lazy, torch-free reader of one complete run: `Archive` (manifest facts, tensors by (site, reduction, layer,
+step), derived tables, annotations), checked against the schema in `schema.py`.
 
-Owns file names, the schema version and every check a reader makes. Imports numpy, pandas and safetensors only:
-never torch, diffusers or streamlit, so the dashboard can read archives on a machine without a GPU stack.
-The writer lives in `archive_writer.py`, the manifest checks a reader makes at open in `archive_manifest.py`;
-both use the constants defined here.
-
-Schema (``SCHEMA_VERSION`` = 1)::
-
-    <runs_dir>/<run_id>/
-      manifest.json        written last; {"schema_version", "complete": true, "run_id", "created", "command",
-                           "config" (resolved capture config), "versions", "model" (pipeline class, family,
-                           transformer + scheduler config), "steps" [{step, t, sigma, expert}], "n_steps",
-                           "latent" {channels, frames, height, width}, "token_grid" {frames, rows, cols, patch},
-                           "tensors" {name: {steps, dtype, shape}}, "sites" {site: {n_layers, layers, steps,
-                           branches, dim, dtype, reductions {name: {shape}}, tokens [[layer, step], ...]}},
-                           "decoded" {steps, shape} | null, "n_samples", "shards" [relative paths],
-                           "timing" {capture_s (capture phase wall time, all ranks), world_size,
-                           context_parallel (ranks per video), captured_here}}
-                           config.ensemble {method, k, n, captured_member, member_seeds} on `--ensemble` runs
-      samples.parquet      one row per sample: sample, sample_id, task, instance, seed, prompt, label_*, answer,
-                           score_*, shard
-      shards/sample_NNNNNN.safetensors   every tensor of one sample (one work item = instance x seed):
-          x_t, v_hat, x0_hat        (tensor step, C, F, H, W)  latent layout, steps = manifest tensors.<name>.steps
-          final                     (C, F, H, W)              the pipeline's final latent
-          acts/<site>/<reduction>/<branch>   (act step, layer, *reduction shape)
-              reductions: frame_mean (frame, d) | pool<k> (frame, k, k, d) | token_norm (frame, row, col)
-                          | proj<d'> (frame, row, col, d')
-          tokens/<site>/L<layer>/S<step>/<branch>  (frame, row, col, d)  full tokens for chosen (layer, step)
-          decoded/x0_hat            (decode step, F, H, W, 3) uint8;  decoded/final (F, H, W, 3) uint8
-        safetensors metadata: cos_schema_version, row (JSON sample row), layout (JSON, see archive_writer)
-      derived/<name>.parquet   analysis tables the pages plot
-      annotations.json         manual Chain-of-Steps labels from the dashboard
-
-A run being written lives in ``<run_id>.partial/`` (with ``manifest.partial.json``); finished shards are renamed
-into place, the manifest is written last and the directory renamed, so a reader sees a complete run or none.
-Readers check the schema version and every manifest field's type at open, refuse paths that resolve outside the
-run directory, and check each tensor's header against the dtype and shape the manifest promises; every problem is
-an `ArchiveError` (docs/reliability.md lists the cases).
-Steps count from 0 = noisiest; ``t`` is the scheduler's timestep value, never an index.
+Owns every look-up and the checks a read makes (sample ranges, captured layers/steps, each tensor's stored dtype and
+shape against the manifest's promise). Imports numpy, pandas and safetensors only: never torch, diffusers or
+streamlit, so the dashboard reads archives on a machine without a GPU stack. Must not import capture or analysis.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -52,58 +17,13 @@ from typing import Any, Iterable, Literal
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-PARTIAL_MANIFEST = "manifest.partial.json"
-PARTIAL_SUFFIX = ".partial"
-SAMPLES = "samples.parquet"
-SHARD_DIR = "shards"
-DERIVED_DIR = "derived"
-ANNOTATIONS = "annotations.json"
-STEP_TENSORS = ("x_t", "v_hat", "x0_hat")
-BRANCHES = ("cond", "uncond")
+from .manifest import read_manifest
+from .schema import ANNOTATIONS, DERIVED_DIR, SAMPLES, ArchiveError, act_key, check_name, inside, token_key
+from .writer import atomic_write
+
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
            "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
            "BOOL": "bool"}  # safetensors header dtype -> numpy name
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-# manifest keys that say when, how and how fast a run was made, not what it holds: two archives of the same work
-# items are "the same" when everything else (tensors, samples table, the rest of the manifest) is equal
-PROVENANCE_KEYS = frozenset({"created", "command", "run_id", "timing"})
-
-
-class ArchiveError(ValueError):
-    """Every problem a reader can report: missing or malformed files, wrong schema, bad look-ups."""
-
-
-def shard_name(sample: int) -> str:
-    return f"{SHARD_DIR}/sample_{sample:06d}.safetensors"
-
-
-def act_key(site: str, reduction: str, branch: str) -> str:
-    return f"acts/{site}/{reduction}/{branch}"
-
-
-def token_key(site: str, layer: int, step: int, branch: str) -> str:
-    return f"tokens/{site}/L{layer}/S{step}/{branch}"
-
-
-def check_name(value: str, what: str) -> str:
-    """A file-system-safe name (run ids, derived table names): no separators, no leading dot."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ArchiveError(f"{what} {value!r} is not allowed: use letters, digits, '_', '-', '.' (not first), "
-                           "at most 128 characters")
-    return value
-
-
-def inside(run_dir: Path, path: Path, what: str) -> Path:
-    """`path`, after checking that it resolves inside `run_dir` (a symlink must not lead a reader elsewhere)."""
-    real = Path(path).resolve()
-    if Path(run_dir).resolve() not in real.parents:
-        raise ArchiveError(f"{run_dir}: {what} resolves outside the run directory ({real}); refusing to read it")
-    return path
 
 
 class Archive:
@@ -118,8 +38,6 @@ class Archive:
         path = Path(path)
         if not path.is_dir():
             raise ArchiveError(f"no run directory at {path}")
-        from .archive_manifest import read_manifest  # it checks against this module's schema constants
-
         return cls(path, read_manifest(path))
 
     # ---- run-level facts ---------------------------------------------------------------------------------
@@ -361,38 +279,3 @@ class Archive:
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 tensors are stored as their uint16 bit patterns (numpy has no bfloat16); this is exact."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Write through a temporary sibling, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def list_runs(runs_dir: str | os.PathLike) -> tuple[list[Archive], dict[str, str]]:
-    """Every complete run under `runs_dir`, and {name: error} for directories that are not readable runs."""
-    runs_dir = Path(runs_dir)
-    good, bad = [], {}
-    if not runs_dir.is_dir():
-        return good, bad
-    root = runs_dir.resolve()
-    for child in sorted(runs_dir.iterdir()):
-        if not child.is_dir() or child.name.startswith(".") or child.name.endswith(PARTIAL_SUFFIX):
-            continue
-        if child.is_symlink() and root not in child.resolve().parents:
-            bad[child.name] = f"{child} links outside the runs directory ({child.resolve()}); not followed"
-            continue
-        try:
-            good.append(Archive.open(child))
-        except ArchiveError as err:
-            bad[child.name] = str(err)
-    return good, bad

@@ -1,10 +1,8 @@
 """Tiny, seeded configurations of the real diffusers video pipelines, for tests, and the real-size Wan2.1-1.3B
-transformer (random weights) for GPU benchmarks.
-
-Owns model construction only: every family in `TINY_FAMILIES` is the genuine diffusers pipeline class built in code
-with fixed seeds, text encoders bypassed by passing `prompt_embeds`, a real but tiny VAE, and `output_type="latent"`.
-Sizes follow diffusers' own `get_dummy_components`; pixel sizes are non-square so row/col mix-ups show in tests.
-Must not import capture, archive, analysis or streamlit; nothing here reaches a model hub.
+transformer (random weights) for GPU benchmarks. Owns model construction only: each entry of `_BUILDERS` is the
+genuine pipeline class built in code with fixed seeds, text encoders bypassed by `prompt_embeds`, a tiny real VAE and
+`output_type="latent"`; sizes follow diffusers' `get_dummy_components`, pixel sizes non-square (row/col mix-ups show).
+Must not import the rest of capture, archive, analysis or streamlit; nothing here reaches a model hub.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Reading and validating a run's ``manifest.json``: the checks `Archive.open` makes before anything else is read,
 so a damaged or hostile manifest fails at open with an `ArchiveError` naming the problem (docs/reliability.md).
 
-Owns the size limit, the required keys and the type of every field a reader indexes; the schema itself is written
-down in `archive.py`, whose constants this module checks against. numpy/pandas-free.
+Owns the size limit and the type of every field a reader indexes; the schema itself (and which keys are required,
+derived from its `Manifest`) is in `schema.py`. Imports only `schema`: numpy/pandas-free, never the reader or writer.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .archive import (BRANCHES, MANIFEST, PARTIAL_SUFFIX, SCHEMA_VERSION, SHARD_DIR, ArchiveError, inside,
-                      shard_name)
+from .schema import (BRANCHES, MANIFEST, PARTIAL_SUFFIX, REQUIRED_KEYS, SCHEMA_VERSION, SHARD_DIR, ArchiveError,
+                     inside, shard_name)
 
 MAX_MANIFEST_BYTES = 64 * 2**20
-REQUIRED_KEYS = ("schema_version", "complete", "run_id", "steps", "n_steps", "n_samples", "shards", "sites",
-                 "tensors", "latent", "token_grid")
 _SHARD_RE = re.compile(r"^shards/sample_\d{6}\.safetensors$")
 
 

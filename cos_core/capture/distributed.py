@@ -1,13 +1,9 @@
-"""Data-parallel capture under `torchrun` / `accelerate launch`: which work items this process owns, and the
-barriers around creating and publishing a run. Owns nothing else.
-
-Data-parallel ranks only coordinate (no tensors are exchanged), so the process group uses the gloo backend over
-TCP: the same code runs on CPUs, one GPU shared by several processes, many GPUs, or many nodes. Each rank writes
-its own shards into the shared run directory; rank 0 writes the manifest once every rank has finished.
-
-With context parallelism (`cp` > 1, see `context_parallel.py`) `cp` consecutive ranks share each video: they form
-one data-parallel rank, run the same items in lockstep, and only the group's first rank writes. Their tensors
-travel over NCCL on GPUs (the group is created "cpu:gloo,cuda:nccl") and over gloo on CPUs.
+"""Data-parallel capture under `torchrun` / `accelerate launch`: which work items this process owns, and the barriers
+around creating and publishing a run. Ranks only coordinate (gloo over TCP, no tensors), so the same code runs on
+CPUs, one shared GPU, many GPUs or nodes; each rank writes its own shards, rank 0 the manifest once all finished.
+With context parallelism (`cp` > 1, `context_parallel.py`) `cp` consecutive ranks are one data-parallel rank running
+the same items, its first rank writes, and its tensors travel over NCCL on GPUs (a "cpu:gloo,cuda:nccl" group).
+Owns nothing else; imports torch.distributed lazily and nothing else from cos_core.
 """
 
 from __future__ import annotations

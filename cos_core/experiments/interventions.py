@@ -2,8 +2,8 @@
 
 Owns `InterventionConfig`, `Job` (one sample under one intervention), the batched executor that runs many jobs
 through one pipeline call (noise mixed into the latent from the step callback, block outputs recorded or replaced by
-forward hooks removed in `finally`), `run_interventions` and the `interventions` / `interventions_samples` tables.
-The propagation map's table is `cos_core.propagation`. Imports torch (through `Replay`); never streamlit.
+forward hooks from `capture.hooks`, removed in `finally`), `run_interventions` and the `interventions` /
+`interventions_samples` tables. The propagation map's table is `analysis.propagation`. Imports torch; never streamlit.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
-from .capture_run import WorkItem
-from .propagation import MIN_SAMPLES, propagation_table
+from ..analysis.propagation import MIN_SAMPLES, propagation_table
+from ..analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
+from ..capture.hooks import BranchTracker, hooked
+from ..capture.run import WorkItem
 from .replay import Replay, held_out_instances
 
 log = logging.getLogger(__name__)
@@ -145,47 +146,24 @@ class BlockHooks:
         self.want_means, self.keep, self.swaps = means, set(keep), swaps or {}
         self.means: torch.Tensor | None = None
         self.kept: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.branch = "cond"
-        self._handles: list[Any] = []
-        self._own_context = vars(transformer).get("cache_context")  # an instance attribute someone set, if any
+        self.branch = BranchTracker(default="cond")
+        self._installed = contextlib.ExitStack()
 
     def __enter__(self) -> "BlockHooks":
-        try:
-            original = self.transformer.cache_context
-
-            @contextlib.contextmanager
-            def cache_context(name, *args, **kwargs):
-                previous, self.branch = self.branch, name
-                try:
-                    with original(name, *args, **kwargs):
-                        yield
-                finally:
-                    self.branch = previous
-
-            self.transformer.cache_context = cache_context
+        with contextlib.ExitStack() as stack:  # a failure half-way removes what was installed so far
+            stack.enter_context(self.branch.track(self.transformer))
             for layer, block in enumerate(self.transformer.blocks):
-                self._handles.append(block.register_forward_hook(self._hook(layer)))
-        except BaseException:
-            self.remove()
-            raise
+                stack.enter_context(hooked(block, self._hook(layer)))
+            self._installed = stack.pop_all()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._own_context is not None:
-            self.transformer.cache_context = self._own_context
-        elif "cache_context" in vars(self.transformer):
-            del self.transformer.cache_context
+        self._installed.close()
 
     def _hook(self, layer: int) -> Callable:
         def hook(module: Any, args: Any, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output  # (B, tokens, d)
-            step, branch = self.step(), self.branch
+            step, branch = self.step(), self.branch.name
             if self.want_means and branch == "cond":
                 if self.means is None:
                     n_layers = len(self.transformer.blocks)
@@ -392,7 +370,7 @@ def summarise(samples: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
 
 def config_record(config: InterventionConfig, replay: Replay, **extra: Any) -> str:
     """The JSON stored as each table's `cos_config` parquet metadata."""
-    from . import __version__
+    from .. import __version__
 
     return json.dumps({"cos_version": __version__, "run_id": replay.archive.run_id,
                        "config": dataclasses.asdict(config), "n_samples": len(replay.items),

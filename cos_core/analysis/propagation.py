@@ -2,7 +2,8 @@
 
 Owns `propagation_table`: 1 - linear CKA between the clean and the perturbed runs' block outputs (token means, one
 row per sample) at every measure step >= the inject step, per layer and averaged over layers (`layer` = -1). The
-runs themselves are made by `cos_core.interventions`. Pure numpy/pandas; must not import torch or streamlit.
+runs themselves are made by `cos_core.experiments.interventions`. Pure numpy/pandas; must not import torch,
+streamlit or experiments.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from .analysis.cka import linear_cka
+from .cka import linear_cka
 
 MIN_SAMPLES = 4  # CKA over fewer samples is dominated by the centring (2 samples: always 1)
 AVERAGE_LAYER = -1

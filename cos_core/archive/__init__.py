@@ -1,0 +1,12 @@
+"""The run archive: the schema (`schema`), the lazy reader (`reader`), its manifest checks (`manifest`), the atomic,
+resumable writer (`writer`) and runs directories (`runs`). `from cos_core.archive import Archive, ArchiveError`.
+
+Imports numpy, pandas and safetensors only: never torch, diffusers or streamlit, and nothing from cos_core outside
+this package, so every other layer can read and write archives.
+"""
+
+from .reader import Archive
+from .runs import list_runs
+from .schema import ArchiveError
+
+__all__ = ["Archive", "ArchiveError", "list_runs"]

@@ -1,0 +1,232 @@
+"""The run archive's on-disk schema: this docstring is the one place it is written down; the code below is its
+constants, key builders, `ArchiveError`, the typed `Manifest` every producer fills and the derived-table columns.
+
+Imports the standard library only: never numpy, torch or streamlit. Every other module of `cos_core.archive`
+builds on it; it imports none of them.
+
+Schema (``SCHEMA_VERSION`` = 1)::
+
+    <runs_dir>/<run_id>/
+      manifest.json        written last (`Manifest`; keys marked * are required, a reader refuses a run without them)
+        by the writer:     schema_version* (1), complete* (true), run_id*, n_samples*, shards* [relative paths]
+        by capture, the same for every sample (the shard layout):
+                           steps* [{step, t, sigma, expert}], n_steps*, x0_rule ("flow" | "v_prediction" |
+                           "epsilon": how x̂0 follows from x_t and v̂), family (wan | cogvideox | ltx | hunyuan),
+                           latent* {channels, frames, height, width}, token_grid* {frames, rows, cols, patch [pt, ph,
+                           pw]}, tensors* {name: {steps, dtype, shape}}, sites* {site: {n_layers, layers, steps,
+                           branches, dim, dtype, reductions {name: {shape}}, tokens [[layer, step], ...],
+                           token_dtype (dtype of full tokens, "bfloat16" stored as uint16 bits; null: none)}},
+                           decoded {steps, shape} | null
+        by the capture run, once: created (ISO time), command [argv], versions {package: version},
+                           config {spec (resolved CaptureSpec), call (pipeline kwargs), items [[sample_id, seed]],
+                                   decode_steps, plus the source's extra: task, task_params, model_dir, ensemble
+                                   {method, k, n, captured_member, member_seeds} on `--ensemble` runs},
+                           model {source, pipeline_class, family, transformer_class, transformer_config,
+                                  transformer_2_config, boundary_ratio, scheduler_class, scheduler_config, dtype,
+                                  device (where the noise was drawn)},
+                           timing {capture_s (capture phase wall time, all ranks), world_size, context_parallel
+                                   (ranks per video), captured_here}
+      samples.parquet      one row per sample: sample, sample_id, task, instance, seed, prompt, label_*, answer,
+                           score_*, shard
+      shards/sample_NNNNNN.safetensors   every tensor of one sample (one work item = instance x seed):
+          x_t, v_hat, x0_hat        (tensor step, C, F, H, W)  latent layout, steps = manifest tensors.<name>.steps
+          final                     (C, F, H, W)              the pipeline's final latent
+          acts/<site>/<reduction>/<branch>   (act step, layer, *reduction shape)
+              reductions: frame_mean (frame, d) | pool<k> (frame, k, k, d) | token_norm (frame, row, col)
+                          | proj<d'> (frame, row, col, d')
+          tokens/<site>/L<layer>/S<step>/<branch>  (frame, row, col, d)  full tokens for chosen (layer, step)
+          decoded/x0_hat            (decode step, F, H, W, 3) uint8;  decoded/final (F, H, W, 3) uint8
+        safetensors metadata: cos_schema_version, row (JSON sample row), layout (JSON: capture's manifest keys)
+      derived/<name>.parquet   analysis tables the pages plot (their columns: `DERIVED`)
+      annotations.json         manual Chain-of-Steps labels from the dashboard
+
+A run being written lives in ``<run_id>.partial/`` (with ``manifest.partial.json``); finished shards are renamed
+into place, the manifest is written last and the directory renamed, so a reader sees a complete run or none.
+Readers check the schema version and every manifest field's type at open, refuse paths that resolve outside the
+run directory, and check each tensor's header against the dtype and shape the manifest promises; every problem is
+an `ArchiveError` (docs/reliability.md lists the cases).
+Steps count from 0 = noisiest; ``t`` is the scheduler's timestep value, never an index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL_MANIFEST = "manifest.partial.json"
+PARTIAL_SUFFIX = ".partial"
+SAMPLES = "samples.parquet"
+SHARD_DIR = "shards"
+DERIVED_DIR = "derived"
+ANNOTATIONS = "annotations.json"
+STEP_TENSORS = ("x_t", "v_hat", "x0_hat")
+BRANCHES = ("cond", "uncond")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+# manifest keys that say when, how and how fast a run was made, not what it holds: two archives of the same work
+# items are "the same" when everything else (tensors, samples table, the rest of the manifest) is equal
+PROVENANCE_KEYS = frozenset({"created", "command", "run_id", "timing"})
+
+
+class ArchiveError(ValueError):
+    """Every problem a reader can report: missing or malformed files, wrong schema, bad look-ups."""
+
+
+def shard_name(sample: int) -> str:
+    return f"{SHARD_DIR}/sample_{sample:06d}.safetensors"
+
+
+def act_key(site: str, reduction: str, branch: str) -> str:
+    return f"acts/{site}/{reduction}/{branch}"
+
+
+def token_key(site: str, layer: int, step: int, branch: str) -> str:
+    return f"tokens/{site}/L{layer}/S{step}/{branch}"
+
+
+def check_name(value: str, what: str) -> str:
+    """A file-system-safe name (run ids, derived table names): no separators, no leading dot."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ArchiveError(f"{what} {value!r} is not allowed: use letters, digits, '_', '-', '.' (not first), "
+                           "at most 128 characters")
+    return value
+
+
+def inside(run_dir: Path, path: Path, what: str) -> Path:
+    """`path`, after checking that it resolves inside `run_dir` (a symlink must not lead a reader elsewhere)."""
+    real = Path(path).resolve()
+    if Path(run_dir).resolve() not in real.parents:
+        raise ArchiveError(f"{run_dir}: {what} resolves outside the run directory ({real}); refusing to read it")
+    return path
+
+
+# ---- the manifest ------------------------------------------------------------------------------------------------
+WRITER, CAPTURE, RUN = "writer", "capture", "capture run"  # who fills which manifest keys
+
+
+class _Unset:
+    """A manifest key its producer did not fill: left out of manifest.json (older or hand-made runs lack it)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+def _key(producer: str, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"producer": producer})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` as one typed record, filled by its three producers through `build` (keys and meanings:
+    the module docstring). Keys with no default are required: `build` refuses a producer that omits one, and a
+    reader refuses a manifest without one (`REQUIRED_KEYS`). A key no field declares is refused too."""
+
+    run_id: str = _key(WRITER)
+    n_samples: int = _key(WRITER)
+    shards: list[str] = _key(WRITER)
+    steps: list[dict[str, Any]] = _key(CAPTURE)
+    n_steps: int = _key(CAPTURE)
+    latent: dict[str, int] = _key(CAPTURE)
+    token_grid: dict[str, Any] = _key(CAPTURE)
+    tensors: dict[str, dict[str, Any]] = _key(CAPTURE)
+    sites: dict[str, dict[str, Any]] = _key(CAPTURE)
+    x0_rule: str = _key(CAPTURE, UNSET)
+    family: str = _key(CAPTURE, UNSET)
+    decoded: dict[str, Any] | None = _key(CAPTURE, UNSET)
+    created: str = _key(RUN, UNSET)
+    command: list[str] = _key(RUN, UNSET)
+    versions: dict[str, str] = _key(RUN, UNSET)
+    config: dict[str, Any] = _key(RUN, UNSET)
+    model: dict[str, Any] = _key(RUN, UNSET)
+    timing: dict[str, Any] = _key(RUN, UNSET)
+    schema_version: int = field(default=SCHEMA_VERSION, init=False, metadata={"producer": WRITER})
+    complete: bool = field(default=True, init=False, metadata={"producer": WRITER})
+
+    @classmethod
+    def build(cls, *, run_id: str, n_samples: int, layout: Mapping[str, Any],
+              record: Mapping[str, Any]) -> "Manifest":
+        """The manifest of a finished run: the writer's own keys, capture's `layout` (one sample's, equal for all)
+        and the capture run's `record`. ArchiveError names a required key a producer omitted, or a key the schema
+        does not give that producer (declare and document it here first)."""
+        values: dict[str, Any] = {"run_id": run_id, "n_samples": n_samples,
+                                  "shards": [shard_name(i) for i in range(n_samples)]}
+        for producer, part in ((CAPTURE, layout), (RUN, record)):
+            own = [f for f in fields(cls) if f.init and f.metadata["producer"] == producer]
+            stray = sorted(set(part) - {f.name for f in own})
+            if stray:
+                raise ArchiveError(f"the {producer} filled manifest key(s) {stray} that the schema does not give it "
+                                   f"(its keys: {[f.name for f in own]}); declare them in cos_core/archive/schema.py")
+            missing = [f.name for f in own if f.default is MISSING and f.name not in part]
+            if missing:
+                raise ArchiveError(f"the {producer} misses required manifest key(s): {', '.join(missing)}")
+            values.update(part)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as written: every filled key (UNSET ones left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not UNSET}
+
+
+REQUIRED_KEYS = tuple(f.name for f in fields(Manifest) if f.default is not UNSET)
+
+
+# ---- derived tables: the columns the pages plot (docs/dashboard.md is the long form) ------------------------------
+@dataclass(frozen=True)
+class DerivedSpec:
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    what: str
+
+
+DERIVED: dict[str, DerivedSpec] = {
+    # written by `cos analyze` (cos_core.analysis): the pages follow its columns
+    "step_answers": DerivedSpec(("sample", "step", "correct"), ("answer", "answer_key", "score", "matches_final",
+                                                                "sigma", "expert"),
+                                "the task's answer read from x̂0 at every step, per sample"),
+    "convergence": DerivedSpec(("sample", "step", "dist_final"), ("dist_final_rel", "scene_dist", "motion_dist",
+                                                                 "motion_match", "sigma"),
+                               "distance of each step's x̂0 to the final output, per sample"),
+    "probe_grid": DerivedSpec(("label", "layer", "step", "accuracy", "chance"),
+                              ("ci_low", "ci_high", "selectivity", "selectivity_ci_low", "selectivity_ci_high",
+                               "control_accuracy", "chance_uniform", "n", "n_instances", "task", "site",
+                               "reduction", "branch", "pool", "frames", "kind", "engine", "sigma", "expert"),
+                              "linear-probe accuracy per (layer, step) cell and label, with chance and selectivity"),
+    "events": DerivedSpec(("sample", "kind", "step"), ("key_before", "key_after", "score_before", "score_after",
+                                                      "change_spread", "sigma", "expert", "sample_id", "task"),
+                          "step-dynamics events per sample: self_correction, regression, enhancement, emergence, "
+                          "switch"),
+    "event_rates": DerivedSpec(("kind", "step", "rate"), ("task", "n_events", "n", "n_instances", "ci_low",
+                                                         "ci_high", "sigma"),
+                               "per task, event kind and step: the fraction of samples with that event there"),
+    "memory": DerivedSpec(("step", "frame", "measure", "value"), ("source", "phase", "layer", "ci_low", "ci_high",
+                                                                 "chance", "n", "n_instances", "sigma"),
+                          "how well the hidden object's identity/position is kept, per step x frame (x̂0) and per "
+                          "layer x step (probes)"),
+    # not written by `cos analyze` yet: the columns the pages will plot (docs/dashboard.md)
+    "interventions": DerivedSpec(("kind", "position", "value"), ("metric", "ci_low", "ci_high", "n", "baseline"),
+                                 "noise_step / noise_frame re-scores and layer_swap flip rates"),
+    "propagation": DerivedSpec(("inject_step", "measure_step", "dissimilarity"), ("n",),
+                               "1 - linear CKA between clean and perturbed runs, inject step x measure step"),
+    "ensemble": DerivedSpec(("method", "k", "n", "accuracy"), ("ci_low", "ci_high", "n_instances"),
+                            "latent-ensemble accuracy over merge steps K and seeds n, with the noise-mean control"),
+}
+
+
+def check_derived(name: str, table: Any) -> Any:
+    """The table (a DataFrame) unchanged if it has the columns the pages plot, else ArchiveError naming what is
+    missing. An empty table is valid (e.g. no events in a run); the page says so."""
+    if name not in DERIVED:
+        raise ValueError(f"unknown derived table {name!r}; the dashboard plots: {sorted(DERIVED)}")
+    missing = [c for c in DERIVED[name].required if c not in table.columns]
+    if missing:
+        raise ArchiveError(f"derived/{name} lacks column(s) {missing}; the dashboard expects "
+                           f"{list(DERIVED[name].required)} (see docs/dashboard.md); it has {list(table.columns)}")
+    return table
