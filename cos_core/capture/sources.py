@@ -93,9 +93,10 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
                          "`cos train` or pass --model")
     if config.instances < 1:
         raise ValueError(f"--instances must be ≥ 1, got {config.instances}")
-    task = get_task(config.task)
     members = config.members
     pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
+    params = check_trained(pipe, config.task, model_dir)
+    task = get_task(config.task, **params)
     items = []
     for k in range(config.first_instance, config.first_instance + config.instances):
         inst = task.instance(TEST_SEEDS[k])
@@ -121,9 +122,19 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
     call.setdefault("num_inference_steps", DEFAULT_STEPS)
     steps = call["num_inference_steps"]
     run_id = f"organism-{config.task}-{len(items)}x{steps}"
-    extra = {"task": config.task, "task_params": {}, "model_dir": str(model_dir)}
+    extra = {"task": config.task, "task_params": {config.task: params} if params else {}, "model_dir": str(model_dir)}
     return Source(pipe, call, items, label=f"organism:{model_dir.name}", default_run_id=run_id, score=score,
                   extra=extra, members=members or 1)
+
+
+def check_trained(pipe: Any, task: str, model_dir: Path) -> dict[str, Any]:
+    """The `get_task` kwargs the organism was trained with for `task`; ValueError when it was not trained on it (an
+    organism that records no `trained_tasks`, like the first one, is trusted with every task it has a slot for)."""
+    trained = list(pipe.config.get("trained_tasks") or [])
+    if task not in pipe.config.task_names or (trained and task not in trained):
+        raise ValueError(f"the organism at {model_dir} was trained on {trained or list(pipe.config.task_names)}, "
+                         f"not {task!r}; choose one of those with --task")
+    return dict((pipe.config.get("task_params") or {}).get(task, {}))
 
 
 def tiny_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds: list[int]) -> Source:

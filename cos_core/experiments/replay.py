@@ -18,8 +18,8 @@ import torch
 
 from ..archive import Archive
 from ..capture.run import WorkItem
-from ..capture.sources import ORGANISM_DIR
-from ..tasks import Instance, Task
+from ..capture.sources import ORGANISM_DIR, check_trained
+from ..tasks import Instance, Task, get_task
 
 log = logging.getLogger(__name__)
 Callback = Callable[[Any, int, Any, dict], dict]
@@ -123,8 +123,10 @@ def load_replay(archive: Archive | str | Path, *, device: str | torch.device = "
         log.warning("%s drew its noise on %s; re-running on %s draws other noise for the same seeds, so the "
                     "re-run samples are new draws, not the archive's", archive.run_id, archive.noise_device,
                     pipe._execution_device.type)
-    if task.name not in pipe.config.task_names:
-        raise ValueError(f"the organism at {model_dir} knows tasks {pipe.config.task_names}, not {task.name!r}")
+    trained = get_task(task.name, **check_trained(pipe, task.name, model_dir)).config
+    if trained != task.config:
+        raise ValueError(f"{archive.run_id} was made with {task.name} {task.config}; the organism at {model_dir} was "
+                         f"trained on {trained}: re-run the archive with the organism that made it (--model)")
     call = dict(archive.manifest["config"].get("call") or {})
     call = {k: v for k, v in call.items() if k in ("task", "num_inference_steps", "guidance_scale")}
     call.setdefault("task", task.name)

@@ -293,6 +293,49 @@ def _candidates_section(name: str, r: dict[str, Any], sigmas: list[float], redra
     return "\n".join(lines)
 
 
+def _ci(ci: Sequence[float] | None) -> str:
+    return f"{_pct(ci[0])}–{_pct(ci[1])} %" if ci else "?"
+
+
+def _steps_section(vs_steps: dict | None) -> str:
+    """Card section: exact accuracy of the final video vs the number of sampling steps, per task and difficulty."""
+    if not vs_steps:
+        return ""
+    counts = sorted({int(k) for per_k in vs_steps.values() for k in per_k})
+    rows = []
+    for name, per_k in vs_steps.items():
+        first = per_k[str(counts[0])]
+        rows.append([name, "all", first["n"]] + [_pct(per_k[str(k)]["accuracy"]) if str(k) in per_k else "" for k in counts])
+        for b, cell in first.get("by_difficulty", {}).items():
+            rows.append([name, f"bin {b} (≈ {cell['mean_path_cells']:.0f} path cells)", cell["n"]]
+                        + [_pct(per_k[str(k)]["by_difficulty"][b]["accuracy"]) for k in counts])
+    return f"""
+## Accuracy vs number of sampling steps (% exact, final video, TEST seeds)
+
+A task whose first frame fixes a unique answer is in the Chain-of-Steps regime when one step (x̂0 at σ = 1, the
+posterior mean) misses the answer and more steps find it. With diffusers' flow-matching schedule the last of K steps
+always lands near σ = 0.003, so K = 2 is one real step plus a tiny one and reads like K = 1.
+
+{_table(rows, ["task", "instances", "n"] + [f"{k} steps" for k in counts])}
+"""
+
+
+def _outcome_section(test: dict[str, Any]) -> str:
+    """Card section: per step, how often the reading of x̂0 already names the final video's pick (goal, identity,
+    colour, direction): when the noise's choice commits."""
+    curves = [(name, label, values) for name, r in test["tasks"].items()
+              for label, values in r.get("per_step_outcome_agreement", {}).items()]
+    if not curves:
+        return ""
+    n_steps = len(curves[0][2])
+    rows = [[i] + [_pct(values[i]) for _, _, values in curves] for i in range(n_steps)]
+    return f"""
+## When the noise's pick commits (% of samples whose x̂0 at step s already reads the final answer's label)
+
+{_table(rows, ["step"] + [f"{name}: {label}" for name, label, _ in curves])}
+"""
+
+
 def _init_text(init: dict | None) -> str:
     if not init:
         return "- initial weights: random (seeded)\n"
@@ -310,7 +353,10 @@ def write_card(folder: Path, report: dict[str, Any]) -> None:
     (folder / EVAL_FILE).write_text(json.dumps(report, indent=1))
     cfg, test = report["config"], report["test"]
     steps, sigmas = test["num_inference_steps"], test.get("sigmas", [])
-    acc_rows = [[name, r["n"], f"{_pct(r['accuracy'])} %", f"{r['score']:.3f}", f"{r['seeds'][0]}..{r['seeds'][1]}"]
+    unique = report.get("answer_is_unique", {})
+    acc_rows = [[name, r["n"], f"{_pct(r['accuracy'])} %", _ci(r.get("accuracy_ci")),
+                 {True: "unique", False: "several (noise picks)"}.get(unique.get(name), "?"),
+                 f"{r['seeds'][0]}..{r['seeds'][1]}" if r.get("seeds") else "TEST"]
                 for name, r in test["tasks"].items()]
     curve_rows = [[i, f"{sigmas[i]:.3f}" if i < len(sigmas) else "?"]
                   + [_pct(r["per_step_accuracy"][i]) for r in test["tasks"].values()] for i in range(steps)]
@@ -341,8 +387,8 @@ Weights: safetensors, float32, `{report["weights"]}` weights of the run. Load of
 
 ## Held-out accuracy (TEST seeds, {steps} steps, exact answers)
 
-{_table(acc_rows, ["task", "n", "exact", "graded score", "seeds"])}
-
+{_table(acc_rows, ["task", "n", "exact", "95 % interval", "answer", "seeds"])}
+{_steps_section(report.get("accuracy_vs_steps"))}{_outcome_section(test)}
 ## Answer accuracy at each step (% exact, answer read from x̂0 of that step; step 0 = noisiest)
 
 {_table(curve_rows, ["step", "σ"] + list(test["tasks"]))}

@@ -380,7 +380,7 @@ def finish(trainer: Trainer, summary: dict[str, Any], evaluate_test: bool = True
     """Export the better of EMA/raw weights into `trainer.out`, evaluate on TEST seeds, write eval.json + card."""
     from cos_core.tasks import TEST_SEEDS
 
-    from .evaluate import evaluate, noise_redraw, write_card
+    from .evaluate import STEP_COUNTS, accuracy_vs_steps, evaluate, noise_redraw, write_card
 
     cfg = trainer.cfg
     which = best_weights(trainer.state["validation"])
@@ -398,6 +398,7 @@ def finish(trainer: Trainer, summary: dict[str, Any], evaluate_test: bool = True
                                           cfg.peak_tflops),
         "losses": trainer.state["losses"], "validation": trainer.state["validation"],
         "init": trainer.state.get("init"),
+        "answer_is_unique": {t.name: bool(t.answer_is_unique) for t in build_tasks(trainer.mix)},
     }
     if evaluate_test and cfg.eval_n:
         pipe.to(trainer.device)
@@ -405,6 +406,7 @@ def finish(trainer: Trainer, summary: dict[str, Any], evaluate_test: bool = True
         seeds = {n: range(TEST_SEEDS.start, TEST_SEEDS.start + cfg.eval_n) for n in names}
         report["test"] = evaluate(pipe, seeds, cfg.num_inference_steps, task_params=cfg.task_params)
         report["redraw"] = noise_redraw(pipe, report["test"], seeds, cfg.task_params)  # is a fork goal noise's pick?
+        report["accuracy_vs_steps"] = accuracy_vs_steps(pipe, seeds, STEP_COUNTS, cfg.task_params)
         pipe.to("cpu")
         write_card(trainer.out, report)
     else:

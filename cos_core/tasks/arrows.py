@@ -55,6 +55,7 @@ class ArrowsTask(Task):
     prompt = "follow the arrows"
     Config = ArrowsConfig
     palette = PALETTE
+    answer_field = "cells"
     difficulty_label = "path_len_bin"
 
     def __init__(self, **params: Any) -> None:

@@ -70,6 +70,7 @@ class ChoiceTask(Task):
     prompt = "complete the pattern with the right piece"
     Config = ChoiceConfig
     palette = PALETTE
+    answer_field = "choice"
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)

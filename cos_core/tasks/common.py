@@ -21,7 +21,6 @@ TEST_SEEDS = range(10**9, 2 * 10**9)
 MAX_SEED = 2**63 - 1
 MOVES = ("up", "right", "down", "left")  # label order shared by maze moves and memory exit sides
 STEPS = ((-1, 0), (0, 1), (1, 0), (0, -1))  # (drow, dcol) per move
-ANSWER_FIELDS = {"maze": "path", "memory": "identity", "choice": "choice", "fork": "goal"}  # see Task.answer_key
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +103,8 @@ class Task:
     answer_is_unique: ClassVar[bool] = True
     # the label that bins instances by difficulty (e.g. path length), or None
     difficulty_label: ClassVar[str | None] = None
+    # the field of an extracted answer that is the discrete answer compared across steps and runs (Task.answer_key)
+    answer_field: ClassVar[str | None] = None
 
     def __init__(self, **params: Any) -> None:
         allowed = [f.name for f in dataclasses.fields(self.Config)]
@@ -163,9 +164,9 @@ class Task:
 
     @classmethod
     def answer_key(cls, answer: dict[str, Any]) -> str | None:
-        """The discrete answer used to compare steps and runs: maze path, memory identity, choice index, fork goal
-        (`ANSWER_FIELDS`; None: unreadable); for a task without an entry (or the base class) the whole answer."""
-        field = ANSWER_FIELDS.get(getattr(cls, "name", ""))
+        """The discrete answer used to compare steps and runs (the task's `answer_field`: maze path, memory identity,
+        fork goal, ...; None: unreadable); for a task without one (or the base class) the whole answer."""
+        field = cls.answer_field
         value = answer if field is None else answer.get(field)
         return None if value is None else json.dumps(value, sort_keys=True)
 

@@ -53,6 +53,7 @@ class DispatchTask(Task):
     prompt = "the object goes to the exit of its colour"
     Config = DispatchConfig
     palette = PALETTE
+    answer_field = "direction"
     answer_is_unique = False
 
     def __init__(self, **params: Any) -> None:

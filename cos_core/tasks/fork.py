@@ -45,6 +45,7 @@ class ForkTask(MazeTask):
     prompt = "walk to either goal"
     Config = ForkConfig
     palette = PALETTE
+    answer_field = "goal"
     answer_is_unique = False
     difficulty_label = None  # maze's bins do not apply; fork's path_len_bin is a label, not a difficulty knob
 

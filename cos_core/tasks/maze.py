@@ -56,6 +56,7 @@ class MazeTask(Task):
     prompt = "solve the maze"
     Config = MazeConfig
     palette = PALETTE
+    answer_field = "path"
     difficulty_label = "path_len_bin"
 
     def __init__(self, **params: Any) -> None:

@@ -98,6 +98,7 @@ class MemoryTask(Task):
     prompt = "the object moves behind the wall and comes back"
     Config = MemoryConfig
     palette = PALETTE
+    answer_field = "identity"
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -232,6 +233,7 @@ class RecallTask(MemoryTask):
     prompt = "an object enters, hides behind the wall and comes back"
     Config = RecallConfig
     answer_is_unique = False
+    answer_field = "identity_first"
 
     def _meta(self, spec: dict[str, Any]) -> dict[str, Any]:
         hidden, _ = self._phases(spec)
