@@ -5,6 +5,7 @@ planted order; answer trajectories come from the real task extractors on real ta
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cos_core.analysis.dynamics import (DynamicsConfig, change_spread, convergence, detect_events, phase_steps,
@@ -46,6 +47,32 @@ def test_enhancement_emergence_and_switch():
     assert [e["kind"] for e in events] == ["emergence"]
     events = detect_events(["a", "a", "b", "b"], np.zeros(4), np.zeros(4))
     assert [(e["kind"], e["index"]) for e in events] == [("switch", 2)]
+
+
+@pytest.mark.parametrize("name", ["fork", "maze", "recall", "dispatch"])
+def test_unreadable_then_right_is_emergence_through_the_dataframe_path(name):
+    """The keys reach `detect_events` through a DataFrame column, where an unreadable answer (None) becomes NaN:
+    x̂0 showing only the first frame (nothing readable) for 3 steps, then the ground truth, is an emergence, and a
+    readable wrong answer before the truth is a self-correction."""
+    task = get_task(name)
+    inst = task.instance(TEST_SEEDS[3])
+    blank = np.broadcast_to(inst.video[:, :1], inst.video.shape).astype(np.float32)
+    frames = np.stack([blank] * 3 + [inst.video] * 3).astype(np.float32)
+    traj, events, _ = sample_trajectory(task, inst, StepFrames(list(range(6)), frames, inst.video), DynamicsConfig())
+    assert traj["answer_key"].isna().tolist() == [True] * 3 + [False] * 3  # NaN in the column, not None
+    assert [(e["kind"], e["step"], e["key_before"]) for e in events] == [("emergence", 3, None)]
+    keys = traj["answer_key"].tolist()  # the same trajectory with a readable wrong answer first
+    keys[:3] = ['"other"'] * 3
+    assert [e["kind"] for e in detect_events(keys, traj["correct"].to_numpy(), traj["score"].to_numpy())] == \
+        ["self_correction"]
+
+
+def test_missing_keys_of_any_kind_count_as_unreadable():
+    correct = np.array([0, 0, 1, 1])
+    for missing in (None, float("nan"), np.nan, pd.NA):
+        events = detect_events([missing, missing, "x", "x"], correct, correct.astype(float))
+        assert [(e["kind"], e["key_before"]) for e in events] == [("emergence", None)]
+    assert detect_events([np.nan] * 6, np.zeros(6), np.full(6, 0.5)) == []  # NaN != NaN must not make a switch
 
 
 def test_change_spread_tells_global_from_local_revisions():

@@ -41,14 +41,22 @@ class DynamicsConfig:
 
 
 # ---- events: a pure function of one trajectory ----------------------------------------------------------------
+def readable_keys(keys: Iterable[Any]) -> list[str | None]:
+    """Answer keys with every missing value as None: a key column read back from a DataFrame holds NaN (or pd.NA)
+    where the answer was unreadable, and NaN is neither None nor equal to itself."""
+    return [None if key is None or (np.ndim(key) == 0 and pd.isna(key)) else key for key in keys]
+
+
 def detect_events(keys: list[str | None], correct: np.ndarray, score: np.ndarray,
                   config: DynamicsConfig = DynamicsConfig()) -> list[dict[str, Any]]:
     """Events between consecutive steps of one sample: [{kind, index, ...}], index = position of the new state.
 
     Both states must be established: the old one held for `persist` steps before (or since the first step), the
     new one holds for `persist` steps (or to the last), so a one-step flicker is no event. A wrong->right change
-    that keeps the same discrete answer (it only became complete enough to grade right) is an enhancement.
+    that keeps the same discrete answer (it only became complete enough to grade right) is an enhancement; from an
+    unreadable answer (key None, or NaN as a DataFrame gives it) it is an emergence, never a self-correction.
     """
+    keys = readable_keys(keys)
     correct, score = np.asarray(correct, dtype=bool), np.asarray(score, dtype=float)
     n, events = len(keys), []
     for i in range(1, n):
