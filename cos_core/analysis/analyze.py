@@ -21,6 +21,7 @@ from .dynamics import DynamicsConfig, run_convergence, run_dynamics
 from .features import FeatureSpec, instance_groups, label_names, load_cells, load_labels
 from .memory import MEMORY_TASK, run_memory
 from .probes import ProbeGrid
+from .publish import publish
 from .step_frames import frame_source, run_tasks, task_for
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,6 @@ def analyze_run(archive: Archive, which: Iterable[str] | None = None, config: An
                 "config": json.loads(json.dumps(asdict(config), default=str))}
     for name, table in tables.items():
         table.attrs["cos_config"] = json.dumps({**resolved, "table": name}, sort_keys=True)
-        if write:
-            archive.write_derived(name, table)
+    if write:
+        publish(archive, tables)
     return tables, {a: r for a, r in reasons.items() if a not in chosen and r is not None}

@@ -37,6 +37,20 @@ def add_model_dir(p: Flags) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="organism weights (default models/organism)")
 
 
+def add_workers(p: Flags) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that read answers off finished videos while the device makes the next batch "
+                        "(default: 0 on the CPU, else up to 8)")
+
+
+def float_list(text: str, flag: str) -> tuple[float, ...]:
+    """'0.1, 1' -> (0.1, 1.0); ValueError naming the flag otherwise."""
+    try:
+        return tuple(float(x) for x in split(text))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be a comma list of numbers, e.g. '0.1,0.5,1'") from None
+
+
 # ---- turning flag values into library values --------------------------------------------------------------------
 def run_dir(run: str, runs_dir: Path) -> Path:
     """A run argument: a run directory, else a run id under `runs_dir`."""

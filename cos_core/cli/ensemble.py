@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, command, default_device, int_list, open_run,
-                     split)
+from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, add_workers, command, default_device,
+                     int_list, open_run, split)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device(p)
     add_dtype(p)
     p.add_argument("--batch-size", type=int, default=128, help="videos per pipeline call at most (default 128)")
+    add_workers(p)
     add_model_dir(p)
 
 
@@ -42,14 +43,16 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, device: str):
     from ..experiments.ensemble import EnsembleConfig
+    from ..experiments.scoring import default_workers
 
     if args.first_instance is not None and args.instances is None:
         raise ValueError("--first-instance needs --instances (without it the run's own instances are measured)")
     return EnsembleConfig(methods=split(args.methods), ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"),
                           steps=args.steps, instances=args.instances, first_instance=args.first_instance or 0,
-                          seed_base=args.seed_base, batch_size=args.batch_size)
+                          seed_base=args.seed_base, batch_size=args.batch_size,
+                          workers=default_workers(device) if args.workers is None else args.workers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..experiments.ensemble import SAMPLES_TABLE, TABLE, ensemble_run
 
-    config = config_from_args(args)
-    archive = open_run(args)
     device = default_device(args.device)
+    config = config_from_args(args, device)
+    archive = open_run(args)
     print(f"ensemble on {archive.run_id} ({device}, {args.dtype})", file=sys.stderr)
     table, samples = ensemble_run(
         archive, config, device=device, dtype=getattr(torch, args.dtype), model_dir=args.model_dir,

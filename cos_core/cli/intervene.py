@@ -1,4 +1,5 @@
-"""`cos intervene`: noise probes, layer swap and the propagation map on an organism run, into its ``derived/``.
+"""`cos intervene`: noise probes (off and on the data distribution), the commitment curve, the propagation of a
+perturbation and the layer swap on an organism run, into its ``derived/``.
 
 Owns argument parsing, loading the replay (the archive's own samples or held-out instances), progress bars and the
 printed one-line JSON summary. The measurements are `cos_core.experiments.interventions.run_interventions`; the
@@ -12,8 +13,8 @@ import json
 import sys
 import time
 
-from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, command, default_device, int_list, open_run,
-                     split)
+from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, add_workers, command, default_device,
+                     float_list, int_list, open_run, split)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,18 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runs_dir(p)
     p.add_argument("--which", default="", help=f"comma list of {', '.join(KINDS)} (default: all)")
     what = p.add_argument_group("positions (comma lists; default: every one the run has)")
-    what.add_argument("--steps", default="", help="noise_step positions and propagation inject steps, e.g. '0,4,8'")
-    what.add_argument("--frames", default="", help="noise_frame positions (latent frames)")
+    what.add_argument("--steps", default="", help="positions of noise_step / renoise_step and the propagation inject "
+                      "steps, e.g. '0,4,8'")
+    what.add_argument("--frames", default="", help="positions of noise_frame / renoise_frame (latent frames)")
     what.add_argument("--layers", default="", help="blocks whose output is swapped")
     what.add_argument("--swap-step", default="0", help="step(s) at which block outputs are swapped (default 0)")
     what.add_argument("--swap", default="update", choices=["update", "output"],
                       help="carry block L's residual update (output - input) from scene B into A (default), or its "
                            "whole output (then every later block computes B's prediction, whatever L)")
     how = p.add_argument_group("noise")
-    how.add_argument("--strength", type=float, default=1.0,
-                     help="λ in x <- (1-λ)·x + λ·ε for the noise probes (default 1: pure noise)")
+    how.add_argument("--strengths", default="1",
+                     help="comma list of λ for every noise kind (default 1): noise_* mix x <- (1-λ)·x + λ·ε (off the "
+                          "data distribution); renoise_* keep x̂0 and redraw a fraction λ of the noise at the step's "
+                          "σ (on it; renoise_step at λ = 1 is the commitment curve), e.g. '0.1,0.25,0.5,1'")
     how.add_argument("--propagation-strength", type=float, default=0.5,
-                     help="λ of the perturbation whose propagation is mapped (default 0.5)")
+                     help="λ of the renoise perturbation whose propagation is measured (default 0.5)")
     how.add_argument("--seed-base", type=int, default=0, help="seeds the noise ε (per sample and kind)")
     which = p.add_argument_group("samples")
     which.add_argument("--instances", type=int, default=None,
@@ -44,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run_ = p.add_argument_group("execution")
     add_device(run_)
     add_dtype(run_)
-    run_.add_argument("--batch-size", type=int, default=32, help="samples per pipeline call at most (default 32)")
+    run_.add_argument("--batch-size", type=int, default=32, help="videos per pipeline call at most (default 32)")
+    add_workers(run_)
     add_model_dir(run_)
 
 
@@ -52,8 +57,9 @@ def _ints(text: str, flag: str) -> tuple[int, ...] | None:
     return int_list(text, flag) or None
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, device: str):
     from ..experiments.interventions import KINDS, InterventionConfig
+    from ..experiments.scoring import default_workers
 
     which = split(args.which) or KINDS
     swap = _ints(args.swap_step, "--swap-step")
@@ -61,23 +67,25 @@ def _config(args: argparse.Namespace):
         raise ValueError("--swap-step must name at least one step, e.g. '0'")
     return InterventionConfig(which=which, steps=_ints(args.steps, "--steps"), frames=_ints(args.frames, "--frames"),
                               layers=_ints(args.layers, "--layers"), swap_steps=swap, swap=args.swap,
-                              strength=args.strength,
+                              strengths=float_list(args.strengths, "--strengths"),
                               propagation_strength=args.propagation_strength, seed_base=args.seed_base,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size,
+                              workers=default_workers(device) if args.workers is None else args.workers)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ..analysis.publish import publish
     from ..experiments.interventions import run_interventions, with_instances
     from ..experiments.replay import load_replay
 
-    config = _config(args)  # bad flags fail before any weights are loaded
+    device = default_device(args.device)
+    config = _config(args, device)  # bad flags fail before any weights are loaded
     if args.first_instance is not None and args.instances is None:
         raise ValueError("--first-instance needs --instances N (how many held-out instances to use)")
     archive = open_run(args)
-    device = default_device(args.device)
     replay = load_replay(archive, device=device, dtype=getattr(torch, args.dtype), model_dir=args.model_dir)
     if args.instances is not None:
         replay = with_instances(replay, args.first_instance or 0, args.instances)
@@ -91,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
              "seconds": round(seconds, 3)}
     for table in tables.values():
         table.attrs["cos_config"] = json.dumps({**json.loads(table.attrs["cos_config"]), **extra}, sort_keys=True)
-    for name, table in tables.items():  # all computed: now write
-        archive.write_derived(name, table)
+    publish(archive, tables)  # all computed: now write
     summary = {"run": str(archive.path), "written": {name: len(t) for name, t in tables.items()},
                "seconds": round(seconds, 1), "device": device}
     if "interventions" in tables:

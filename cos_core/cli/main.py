@@ -1,4 +1,5 @@
-"""The `cos` command: `cos capture | train | analyze | intervene | ensemble`, one module of this package each.
+"""The `cos` command: `cos capture | train | analyze | intervene | patch | ensemble | search | steps | report`, one
+module of this package each.
 
 Owns only dispatch and error reporting: a ValueError from the library (bad input) becomes a one-line message and
 exit code 2, never a traceback. A subcommand module has `add_arguments(parser)` and `run(args) -> int`; it is
@@ -19,8 +20,15 @@ COMMANDS = {
     "analyze": ("cos_core.cli.analyze", "compute probe grids, step dynamics and memory tables into derived/"),
     "intervene": ("cos_core.cli.intervene", "re-run an organism run with noise at a step/frame or a layer swapped; "
                   "write intervention and CKA propagation tables into derived/"),
+    "patch": ("cos_core.cli.patch", "patch one block's activations from another run (seed -> seed, instance -> "
+              "instance) beside a self-patch, a random update and a same-answer donor; write derived/patching"),
     "ensemble": ("cos_core.cli.ensemble", "merge n seeds' latents during the first K steps and score the result "
                  "against single seeds and the noise-mean control; write derived/ensemble"),
+    "search": ("cos_core.cli.search", "test-time scaling at equal forward passes: majority vote, early-planning "
+               "search, latent ensembles and more steps; write derived/search"),
+    "steps": ("cos_core.cli.steps", "the organism's accuracy vs number of sampling steps per task, as a table"),
+    "report": ("cos_core.cli.report", "regenerate docs/findings.md from archived tables (--check: fail when they "
+               "disagree)"),
 }
 
 

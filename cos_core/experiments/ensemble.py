@@ -18,11 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..analysis.commitment import regime
+from ..analysis.publish import publish
 from ..analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 from ..capture.run import WorkItem
 from ..capture.sources import ORGANISM_DIR
 from .merge import MERGES, check_flow_matching, merged_steps, noise_mean_start
 from .replay import Replay, held_out_instances
+from .scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class EnsembleConfig:
     first_instance: int = 0
     seed_base: int = 0
     batch_size: int = 128
+    workers: int = 0
     n_boot: int = N_BOOT
     random_state: int = 0
 
@@ -65,8 +69,8 @@ class EnsembleConfig:
             raise ValueError(f"first_instance {self.first_instance} and seed_base {self.seed_base} must be >= 0")
         if self.batch_size < max(self.ns):
             raise ValueError(f"batch_size {self.batch_size} must hold one whole ensemble (n up to {max(self.ns)})")
-        if self.n_boot < 1:
-            raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
+        if self.n_boot < 1 or self.workers < 0:
+            raise ValueError(f"n_boot must be >= 1 and workers >= 0, got {self.n_boot} and {self.workers}")
 
     def check_steps(self, n_steps: int) -> None:
         """ValueError when a K exceeds the number of denoising steps."""
@@ -117,8 +121,10 @@ def member_items(replay: Replay, instances: Sequence[int], n: int, seed_base: in
             for inst in instances for m in range(n)]
 
 
-def run_job(replay: Replay, job: Job, instances: Sequence[int], steps: int, seed_base: int) -> list[dict[str, Any]]:
-    """Generate one batch of instances under `job`; per instance member 0's score and every trajectory's answer."""
+def run_job(replay: Replay, job: Job, instances: Sequence[int], steps: int, seed_base: int,
+            scorer: Scorer | None = None) -> Callable[[], list[dict[str, Any]]]:
+    """Generate one batch of instances under `job`; returns a function giving, per instance, every trajectory's
+    scores (member 0 first), read by `scorer` (inline without one) while the caller goes on."""
     items = member_items(replay, instances, job.n, seed_base)
     noise = replay.noise([it.seed for it in items])  # (I*n, C, F, H, W)
     if job.method == CONTROL:
@@ -131,11 +137,12 @@ def run_job(replay: Replay, job: Job, instances: Sequence[int], steps: int, seed
         with merge:
             finals = replay.run(items, latents=noise, num_inference_steps=steps)
     per = job.trajectories
-    out = []
-    for j, inst in enumerate(instances):
-        scores = [replay.score(scored_items[j * per + m], finals[j * per + m]) for m in range(per)]
-        out.append({"instance": int(inst), "scores": scores})
-    return out
+    pending = (scorer or Scorer(0)).scores(replay.task, [int(it.instance) for it in scored_items], finals)
+
+    def collect() -> list[dict[str, Any]]:
+        scores = pending.result()
+        return [{"instance": int(inst), "scores": scores[j * per:(j + 1) * per]} for j, inst in enumerate(instances)]
+    return collect
 
 
 def _row(inst: dict[str, Any], method: str, k: int, n: int) -> dict[str, Any]:
@@ -167,7 +174,8 @@ def sample_rows(config: EnsembleConfig, results: dict[Job, list[dict[str, Any]]]
     return table.sort_values(["method", "k", "n", "instance"], kind="stable", ignore_index=True)
 
 
-def summary_table(samples: pd.DataFrame, config: EnsembleConfig, task: str, steps: int) -> pd.DataFrame:
+def summary_table(samples: pd.DataFrame, config: EnsembleConfig, task: str, steps: int, regime_name: str = ""
+                  ) -> pd.DataFrame:
     """The `ensemble` table: per (method, k, n) accuracy over instances with its instance-bootstrap interval, and
     the paired gain over the plain model (`none`) on the same instances and bootstrap draws."""
     group, n_groups = encode_groups(samples["instance"].to_numpy())
@@ -185,8 +193,14 @@ def summary_table(samples: pd.DataFrame, config: EnsembleConfig, task: str, step
                      "gain": float(gain), "gain_ci_low": float(gain_low), "gain_ci_high": float(gain_high),
                      "mean_score": float(part["score"].mean()), "unreadable": float(part["answer_key"].isna().mean()),
                      "member_agreement": float(agreement.mean()) if agreement.notna().any() else np.nan,
-                     "num_inference_steps": int(steps), "task": task})
+                     "num_inference_steps": int(steps), "nfe": int(nfe(method, n, steps)), "task": task,
+                     "regime": regime_name})
     return pd.DataFrame(rows)
+
+
+def nfe(method: str, n: int, steps: int) -> int:
+    """Transformer forward passes one instance costs (guidance 1: one per trajectory and step)."""
+    return steps if method in (CONTROL, BASELINE) else n * steps
 
 
 def batches(jobs: Sequence[Job], instances: Sequence[int], batch_size: int) -> list[tuple[Job, list[int]]]:
@@ -208,12 +222,15 @@ def run_ensemble(replay: Replay, config: EnsembleConfig = EnsembleConfig(), *,
     jobs = plan_jobs(config)
     results: dict[Job, list[dict[str, Any]]] = {job: [] for job in jobs}
     started = time.perf_counter()
-    for job, chunk in progress(batches(jobs, instances, config.batch_size)):
-        results[job] += run_job(replay, job, chunk, steps, config.seed_base)
+    with Scorer(config.workers) as scorer:
+        pending = [(job, run_job(replay, job, chunk, steps, config.seed_base, scorer))
+                   for job, chunk in progress(batches(jobs, instances, config.batch_size))]
+        for job, collect in pending:
+            results[job] += collect()
     log.info("%s: %d jobs x %d instances in %.1f s", replay.archive.run_id, len(jobs), len(instances),
              time.perf_counter() - started)
     samples = sample_rows(config, results)
-    return summary_table(samples, config, replay.task.name, steps), samples
+    return summary_table(samples, config, replay.task.name, steps, regime(replay.task)), samples
 
 
 def ensemble_run(archive: Any, config: EnsembleConfig = EnsembleConfig(), *, device: str = "cpu",
@@ -240,6 +257,5 @@ def ensemble_run(archive: Any, config: EnsembleConfig = EnsembleConfig(), *, dev
     for name, frame in ((TABLE, table), (SAMPLES_TABLE, samples)):
         frame.attrs["cos_config"] = json.dumps({**record, "table": name}, sort_keys=True, default=str)
     if write:
-        archive.write_derived(TABLE, table)
-        archive.write_derived(SAMPLES_TABLE, samples)
+        publish(archive, {TABLE: table, SAMPLES_TABLE: samples})
     return table, samples

@@ -8,6 +8,7 @@ through the organism pipeline; never streamlit.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,13 @@ class Replay:
     @property
     def n_steps(self) -> int:
         return int(self.call_kwargs["num_inference_steps"])
+
+    def sigmas(self, n_steps: int | None = None) -> list[float]:
+        """σ of every step (n_steps + 1 values, the last 0) as the pipeline's scheduler sets them for a call with
+        `n_steps` steps (default the run's); read from a copy, so the pipeline's own scheduler is not touched."""
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(int(n_steps or self.n_steps), device="cpu")
+        return [float(s) for s in scheduler.sigmas]
 
     def instance(self, item: WorkItem) -> Instance:
         if item.instance not in self.instances:
