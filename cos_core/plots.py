@@ -467,7 +467,8 @@ def strength_sweep(table: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_xaxes(title_text="latent frame", row=1, col=2)
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02], row=1, col=1)
-    fig.update_layout(height=380, margin=MARGIN)
+    fig.update_layout(title="noise at a step vs at a frame (dashed: off the data distribution)", height=400,
+                      margin=MARGIN)
     return fig
 
 
@@ -482,7 +483,7 @@ def sensitivity_curve(table: pd.DataFrame) -> go.Figure:
         _band(fig, table["inject_step"], table[name], table[f"{name}_ci_low"], table[f"{name}_ci_high"], name,
               row=1, col=col)
         fig.update_xaxes(title_text="inject step", row=1, col=col)
-    fig.update_layout(height=340, margin=MARGIN, showlegend=False)
+    fig.update_layout(title="sensitivity per inject step", height=360, margin=MARGIN, showlegend=False)
     return fig
 
 

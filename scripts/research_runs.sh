@@ -1,36 +1,68 @@
 #!/usr/bin/env bash
-# The research-size measurements behind docs/findings.md: the organism on fork and memory, 200 held-out instances
-# x 2 noise seeds each (400 samples), captured, analysed (probes incl. the fork outcome label), intervened on and
-# ensembled. Too large to ship (~0.3 GB); its derived tables are copied to $OUT (default runs/research-tables) as
-# <run>.<table>.parquet, each table carrying its command in the parquet metadata. On one H100 the fork capture +
-# analyze took 2.5 min (the part docs/findings.md §4 cites); the whole script has not been timed in one go.
-# Usage: bash scripts/research_runs.sh [runs_dir] [out_dir]        (COS=... as in make_cached_runs.sh)
+# The runs behind docs/findings.md, on the shipped organism: maze (unique answer, the task with headroom: 25 % at
+# 1 step, 75.5 % at 16), fork (two right goals, the noise picks one) and dispatch (the noise picks a colour, whose
+# meaning is the same in every instance). Research size by default: 200 held-out instances x 2 seeds (fork: x 4
+# seeds, so recipients have both another-answer and same-answer donors) = 400+ samples per run. Each run is
+# captured, analysed, intervened on, patched and (maze) searched; the tables docs/findings.md reads are copied to
+# $OUT as <run>.<table>.parquet (each carries the command that made it in its cos_config metadata) and the
+# document is regenerated. The archives (~0.5 GB) are not shipped: they are reproducible-only, by this script.
+#
+# Usage: bash scripts/research_runs.sh [runs_dir] [out_dir]     (defaults runs/research, tables)
+#   GPU (the lead): COS="cos" DEVICE=cuda BATCH=4096 bash scripts/research_runs.sh
+#   small CPU check: INSTANCES=2 STEPS=0,4,8,12 FRAMES=1,4,7 STRENGTHS=0.25,1 LAYERS=0,4,7 PATCH_STEPS=0 \
+#                    SEARCH_N=1,2,4 SEARCH_K=2 MERGES=mean_x0_hat,noise_mean BATCH=16 bash scripts/research_runs.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/research}
-OUT=${2:-runs/research-tables}
-COS=${COS:-cos}
+OUT=${2:-tables}
+COS=${COS:-cos}                         # e.g. COS="python3 -m cos_core.cli" where the package is not installed
+INSTANCES=${INSTANCES:-200}             # held-out instances per run
+DEVICE=${DEVICE:-}                      # default: cuda if available
+BATCH=${BATCH:-512}                     # videos per pipeline call
+STEPS=${STEPS:-}                        # noise / renoise / propagation steps (default: all 16)
+FRAMES=${FRAMES:-}                      # noise / renoise frames (default: all 8)
+STRENGTHS=${STRENGTHS:-0.1,0.25,0.5,1}  # λ of the strength sweep
+LAYERS=${LAYERS:-}                      # blocks patched (default: all 8)
+PATCH_STEPS=${PATCH_STEPS:-0,2,4,8}     # steps patched
+SEARCH_N=${SEARCH_N:-1,2,4,8}
+SEARCH_K=${SEARCH_K:-1,2,4}             # prune steps of the early search, and merged steps of the ensembles
+MERGES=${MERGES:-mean_x_t,mean_v_hat,mean_x0_hat,noise_mean}
+common=(--runs-dir "$RUNS" --batch-size "$BATCH" ${DEVICE:+--device "$DEVICE"})
 mkdir -p "$RUNS" "$OUT"
-capture() {  # task
-  rm -rf "${RUNS:?}/$1-400" "${RUNS:?}/$1-400.partial"
-  $COS capture --task "$1" --instances 200 --seeds 0,1 --run-id "$1-400" --store-dtype float16 \
-    --tensors x0_hat --reductions frame_mean --runs-dir "$RUNS"
-  $COS analyze --runs-dir "$RUNS" "$1-400"
+
+capture() {  # task run_id seeds
+  rm -rf "${RUNS:?}/$2" "${RUNS:?}/$2.partial"
+  $COS capture --task "$1" --instances "$INSTANCES" --seeds "$3" --run-id "$2" --store-dtype float16 \
+    --tensors x0_hat --reductions frame_mean --runs-dir "$RUNS" ${DEVICE:+--device "$DEVICE"}
+  $COS analyze --runs-dir "$RUNS" "$2" --which dynamics
 }
-keep() {  # run table [suffix]
-  cp "$RUNS/$1/derived/$2.parquet" "$OUT/$1.$2${3:-}.parquet"
+keep() {  # run table...
+  local run=$1; shift
+  for table in "$@"; do cp "$RUNS/$run/derived/$table.parquet" "$OUT/$run.$table.parquet"; done
 }
-capture fork
-capture memory
-for t in probe_grid step_answers candidates events event_rates phases; do keep fork-400 $t; done
-for t in probe_grid memory step_answers; do keep memory-400 $t; done
-$COS intervene --runs-dir "$RUNS" fork-400
-for t in interventions interventions_samples propagation; do keep fork-400 $t; done
-$COS intervene --runs-dir "$RUNS" memory-400
-for t in interventions interventions_samples propagation; do keep memory-400 $t; done
-for steps in 16 4; do  # the shipped 16 steps, and 4 steps: a weaker sampler with room to improve
-  $COS ensemble --runs-dir "$RUNS" fork-400 --steps "$steps" --k 0,1,2,4 --n 1,2,4,8
-  keep fork-400 ensemble ".steps$steps"
-  keep fork-400 ensemble_samples ".steps$steps"
-done
+positions=(${STEPS:+--steps "$STEPS"} ${FRAMES:+--frames "$FRAMES"})
+
+# maze: unique answers, the Chain-of-Steps regime
+capture maze research-maze 0,1
+$COS intervene research-maze "${common[@]}" "${positions[@]}" --which noise_step,noise_frame,renoise_step,renoise_frame \
+  --strengths "$STRENGTHS"
+$COS intervene research-maze "${common[@]}" ${STEPS:+--steps "$STEPS"} --which propagation --propagation-strength 0.5
+$COS patch research-maze "${common[@]}" --pairs seed --steps "$PATCH_STEPS" ${LAYERS:+--layers "$LAYERS"}
+$COS search research-maze "${common[@]}" --n "$SEARCH_N" --prune-steps "$SEARCH_K" --k "$SEARCH_K" \
+  --merges "$MERGES"
+keep research-maze event_rates interventions commitment sensitivity propagation patching search
+
+# fork: the noise picks one of two right goals
+capture fork research-fork 0,1,2,3
+$COS intervene research-fork "${common[@]}" ${STEPS:+--steps "$STEPS"} --which renoise_step --strengths 1
+$COS patch research-fork "${common[@]}" --pairs seed --steps "$PATCH_STEPS" ${LAYERS:+--layers "$LAYERS"}
+keep research-fork event_rates commitment patching
+
+# dispatch: the noise picks a colour; a colour means the same in every instance, so instance -> instance patching
+# can measure adoption
+capture dispatch research-dispatch 0,1
+$COS patch research-dispatch "${common[@]}" --pairs instance --steps "$PATCH_STEPS" ${LAYERS:+--layers "$LAYERS"}
+keep research-dispatch event_rates patching
+
+python scripts/findings.py
 ls -la "$OUT"
