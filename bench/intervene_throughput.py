@@ -10,7 +10,7 @@ sample-runs per second (one sample under one condition, the clean run included: 
 layers)) and the ratio. The two draw different noise, so
 their tables are compared by shape and clean accuracy, not value. Writes --out (JSON).
 
-CPU (small, tiny random organism):  python bench/intervene_throughput.py --tiny --instances 6 --steps 4
+CPU (small, tiny random organism):  python bench/intervene_throughput.py --tiny --instances 6 --steps 4 --threads 1
 GPU (the issue's sweep: shipped organism, fork, 100 instances x 2 seeds, 16 steps, every condition):
     python bench/intervene_throughput.py --device cuda --instances 100 --steps 16 --batch-size 512 \\
         --new-batch-size 4096 --out bench/results/intervene_throughput_cuda.json
@@ -42,7 +42,8 @@ if variant == "baseline":
     config = InterventionConfig(which=which, strength=1.0, batch_size=batch)
 else:
     config = InterventionConfig(which=which, strengths=(1.0,), batch_size=batch, workers=workers)
-warm = InterventionConfig(which=("noise_step",), steps=(0,), batch_size=batch, **({} if variant == "baseline" else {"workers": workers}))
+extra = {} if variant == "baseline" else {"workers": workers}
+warm = InterventionConfig(which=("noise_step",), steps=(0,), batch_size=batch, **extra)
 run_interventions(replay, warm)  # warm-up: kernels, caches, worker start-up
 if device.startswith("cuda"):
     torch.cuda.synchronize()
@@ -124,6 +125,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="scoring processes of the current code (default: 0 on "
                                                               "CPU, else up to 8)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in each process")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--baseline-rev", default="9bb3e19")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -134,15 +136,22 @@ def main() -> None:
         tmp = Path(tmp)
         run, model = make_run(args, tmp)
         base = baseline_tree(args.baseline_rev, tmp / "baseline")
-        results = [measure("baseline", base, run, model, args, args.batch_size),
-                   measure("current", REPO, run, model, args, args.batch_size)]
-        if args.new_batch_size:
-            results.append(measure("current", REPO, run, model, args, args.new_batch_size))
+        plan = [("baseline", base, args.batch_size), ("current", REPO, args.batch_size)]
+        plan += [("current", REPO, args.new_batch_size)] if args.new_batch_size else []
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
+        for _ in range(args.reps):  # interleaved, so a change in the machine's load hits every variant alike
+            for i, (variant, tree, batch) in enumerate(plan):
+                runs[i].append(measure(variant, tree, run, model, args, batch))
+        results = []
+        for i, reps in runs.items():
+            best = sorted(reps, key=lambda r: r["seconds"])[len(reps) // 2]  # the median run
+            results.append(best | {"runs_s": [r["seconds"] for r in reps]})
     import torch
 
     report = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor()
               or platform.machine(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "config": vars(args) | {"out": str(out)},
+              "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "config": vars(args) | {"out": str(out)},
               "results": results,
               "speedup_same_batch": results[0]["seconds"] / results[1]["seconds"],
               "speedup_best": results[0]["seconds"] / min(r["seconds"] for r in results[1:]),

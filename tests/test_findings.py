@@ -71,7 +71,7 @@ def test_every_section_renders_from_whatever_exists(tmp_path):
     commitment(tables / "run-a.commitment.parquet")
     text = findings.render(findings.load(tables, card=None))
     assert "### maze (unique answer), run `run-a`, λ = 1" in text
-    assert "Committed (lower bound of P(same) ≥ 90 %) from step 4 on" in text
+    assert "Committed (the lower bound of P(same) stays ≥ 90 %) from step 4 on" in text
     assert "`cos intervene extra-run --which renoise_step`" in text and "reproducible-only" in text
     assert text.count("*Not measured yet:*") == 6
 
@@ -112,3 +112,15 @@ def test_figure_builders_of_the_new_tables(tmp_path):
     for fig in figures:
         assert fig.data and fig.layout.title.text  # every builder draws something, with a title or subplot titles
     assert "distance" in figures[-1].layout.title.text or "|Δh|" in figures[-1].layout.title.text
+
+
+def test_cos_steps_tabulates_the_card_and_refuses_a_card_without_the_record(tmp_path, capsys):
+    out = tmp_path / "steps.parquet"
+    assert main(["steps", "--from-card", str(findings.CARD), "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert set(table["task"]) == {"maze", "arrows", "fork", "recall", "dispatch"}
+    assert json.loads(table.attrs["cos_config"])["command"][:2] == ["cos", "steps"]
+    bad = tmp_path / "eval.json"
+    bad.write_text("{}", encoding="utf-8")
+    assert main(["steps", "--from-card", str(bad), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "no accuracy_vs_steps record" in capsys.readouterr().err and not (tmp_path / "x.parquet").exists()

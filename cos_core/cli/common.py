@@ -37,10 +37,37 @@ def add_model_dir(p: Flags) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="organism weights (default models/organism)")
 
 
-def add_workers(p: Flags) -> None:
+def add_instances(p: Flags, default: str = "the run's own samples") -> None:
+    """--instances / --first-instance: held-out task instances instead of the run's own (check with `instances`)."""
+    p.add_argument("--instances", type=int, default=None,
+                   help=f"held-out task instances TEST_SEEDS[F:F+N] with the run's noise seeds (default: {default})")
+    p.add_argument("--first-instance", type=int, default=None, help="F for --instances (default 0)")
+
+
+def add_execution(p: Flags, batch_size: int) -> None:
+    """How an experiment runs: device, dtype, videos per call, scoring processes, the organism's weights."""
+    add_device(p)
+    add_dtype(p)
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"videos per pipeline call at most (default {batch_size})")
     p.add_argument("--workers", type=int, default=None,
                    help="processes that read answers off finished videos while the device makes the next batch "
                         "(default: 0 on the CPU, else up to 8)")
+    add_model_dir(p)
+
+
+def instances(args: argparse.Namespace) -> tuple[int | None, int]:
+    """(N, F) of --instances / --first-instance; ValueError for F without N."""
+    if args.first_instance is not None and args.instances is None:
+        raise ValueError("--first-instance needs --instances N (how many held-out instances to use)")
+    return args.instances, args.first_instance or 0
+
+
+def workers(args: argparse.Namespace, device: str) -> int:
+    """--workers, or the default for `device` (`cos_core.experiments.scoring.default_workers`)."""
+    from ..experiments.scoring import default_workers
+
+    return default_workers(device) if args.workers is None else int(args.workers)
 
 
 def float_list(text: str, flag: str) -> tuple[float, ...]:

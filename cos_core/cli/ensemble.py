@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, add_workers, command, default_device,
-                     int_list, open_run, split)
+from .common import (add_execution, add_instances, add_runs_dir, command, default_device, instances, int_list,
+                     open_run, split, workers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,15 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", default="0,1,2,4", help="steps merged, comma list (default 0,1,2,4)")
     p.add_argument("--n", default="1,2,4", help="seeds per ensemble, comma list (default 1,2,4)")
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the run's)")
-    p.add_argument("--instances", type=int, default=None,
-                   help="measure the task's held-out instances TEST_SEEDS[F:F+N] (default: the run's own instances)")
-    p.add_argument("--first-instance", type=int, default=None, help="F for --instances (default 0)")
+    add_instances(p, default="the run's own instances")
     p.add_argument("--seed-base", type=int, default=0, help="member m draws noise seed SEED_BASE + m (default 0)")
-    add_device(p)
-    add_dtype(p)
-    p.add_argument("--batch-size", type=int, default=128, help="videos per pipeline call at most (default 128)")
-    add_workers(p)
-    add_model_dir(p)
+    add_execution(p, batch_size=128)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -45,14 +39,11 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 def config_from_args(args: argparse.Namespace, device: str):
     from ..experiments.ensemble import EnsembleConfig
-    from ..experiments.scoring import default_workers
 
-    if args.first_instance is not None and args.instances is None:
-        raise ValueError("--first-instance needs --instances (without it the run's own instances are measured)")
+    n_instances, first = instances(args)
     return EnsembleConfig(methods=split(args.methods), ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"),
-                          steps=args.steps, instances=args.instances, first_instance=args.first_instance or 0,
-                          seed_base=args.seed_base, batch_size=args.batch_size,
-                          workers=default_workers(device) if args.workers is None else args.workers)
+                          steps=args.steps, instances=n_instances, first_instance=first, seed_base=args.seed_base,
+                          batch_size=args.batch_size, workers=workers(args, device))
 
 
 def run(args: argparse.Namespace) -> int:

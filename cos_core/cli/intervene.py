@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, add_workers, command, default_device,
-                     float_list, int_list, open_run, split)
+from .common import (add_execution, add_instances, add_runs_dir, command, default_device, float_list, instances,
+                     int_list, open_run, split, workers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,17 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--propagation-strength", type=float, default=0.5,
                      help="λ of the renoise perturbation whose propagation is measured (default 0.5)")
     how.add_argument("--seed-base", type=int, default=0, help="seeds the noise ε (per sample and kind)")
-    which = p.add_argument_group("samples")
-    which.add_argument("--instances", type=int, default=None,
-                       help="use held-out task instances TEST_SEEDS[F:F+N] (with the run's noise seeds) instead of "
-                            "the run's own samples")
-    which.add_argument("--first-instance", type=int, default=None, help="F above (default 0)")
-    run_ = p.add_argument_group("execution")
-    add_device(run_)
-    add_dtype(run_)
-    run_.add_argument("--batch-size", type=int, default=32, help="videos per pipeline call at most (default 32)")
-    add_workers(run_)
-    add_model_dir(run_)
+    add_instances(p.add_argument_group("samples"))
+    add_execution(p.add_argument_group("execution"), batch_size=32)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...] | None:
@@ -59,7 +50,6 @@ def _ints(text: str, flag: str) -> tuple[int, ...] | None:
 
 def _config(args: argparse.Namespace, device: str):
     from ..experiments.interventions import KINDS, InterventionConfig
-    from ..experiments.scoring import default_workers
 
     which = split(args.which) or KINDS
     swap = _ints(args.swap_step, "--swap-step")
@@ -70,7 +60,7 @@ def _config(args: argparse.Namespace, device: str):
                               strengths=float_list(args.strengths, "--strengths"),
                               propagation_strength=args.propagation_strength, seed_base=args.seed_base,
                               batch_size=args.batch_size,
-                              workers=default_workers(device) if args.workers is None else args.workers)
+                              workers=workers(args, device))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,12 +73,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = default_device(args.device)
     config = _config(args, device)  # bad flags fail before any weights are loaded
-    if args.first_instance is not None and args.instances is None:
-        raise ValueError("--first-instance needs --instances N (how many held-out instances to use)")
+    n_instances, first = instances(args)
     archive = open_run(args)
     replay = load_replay(archive, device=device, dtype=getattr(torch, args.dtype), model_dir=args.model_dir)
-    if args.instances is not None:
-        replay = with_instances(replay, args.first_instance or 0, args.instances)
+    if n_instances is not None:
+        replay = with_instances(replay, first, n_instances)
     print(f"intervening on {archive.run_id} ({len(replay.items)} samples, {replay.n_steps} steps, {device})",
           file=sys.stderr)
     start = time.perf_counter()

@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, add_workers, command, default_device,
-                     int_list, open_run, split)
+from .common import (add_execution, add_instances, add_runs_dir, command, default_device, instances, int_list,
+                     open_run, split, workers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,28 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--carry", default="update", choices=CARRIES,
                    help="add the donor's block update (output - input) in place of the recipient's (default), or "
                         "copy its whole output")
-    p.add_argument("--instances", type=int, default=None,
-                   help="held-out task instances TEST_SEEDS[F:F+N] with the run's seeds (default: the run's samples)")
-    p.add_argument("--first-instance", type=int, default=None, help="F for --instances (default 0)")
+    add_instances(p)
     p.add_argument("--seed-base", type=int, default=0, help="seeds the random-update null")
-    add_device(p)
-    add_dtype(p)
-    p.add_argument("--batch-size", type=int, default=32, help="videos per pipeline call at most (default 32)")
-    add_workers(p)
-    add_model_dir(p)
+    add_execution(p, batch_size=32)
 
 
 def config_from_args(args: argparse.Namespace, device: str):
     from ..experiments.patching import PatchConfig
-    from ..experiments.scoring import default_workers
 
-    if args.first_instance is not None and args.instances is None:
-        raise ValueError("--first-instance needs --instances N (how many held-out instances to use)")
     return PatchConfig(pairs=args.pairs, layers=int_list(args.layers, "--layers") or None,
                        steps=int_list(args.steps, "--steps"), frames=int_list(args.frames, "--frames"),
                        nulls=split(args.nulls), carry=args.carry, seed_base=args.seed_base,
                        batch_size=args.batch_size,
-                       workers=default_workers(device) if args.workers is None else args.workers)
+                       workers=workers(args, device))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = default_device(args.device)
     config = config_from_args(args, device)
+    n_instances, first = instances(args)
     archive = open_run(args)
     replay = load_replay(archive, device=device, dtype=getattr(torch, args.dtype), model_dir=args.model_dir)
-    if args.instances is not None:
-        replay = with_instances(replay, args.first_instance or 0, args.instances)
+    if n_instances is not None:
+        replay = with_instances(replay, first, n_instances)
     print(f"patching {archive.run_id} ({len(replay.items)} samples, {config.pairs} pairs, {device})", file=sys.stderr)
     start = time.perf_counter()
     tables = run_patching(replay, config, progress=lambda it: tqdm(list(it), desc=archive.run_id, unit="batch",

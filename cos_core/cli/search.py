@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from .common import (add_device, add_dtype, add_model_dir, add_runs_dir, add_workers, command, default_device,
-                     int_list, open_run, split)
+from .common import (add_execution, add_instances, add_runs_dir, command, default_device, instances, int_list,
+                     open_run, split, workers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,31 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-counts", default="",
                    help="also sample the plain model with these numbers of steps, e.g. '1,2,4,8' (default none)")
     p.add_argument("--steps", type=int, default=None, help="S, the sampling steps of every method (default: the run's)")
-    p.add_argument("--instances", type=int, default=None,
-                   help="held-out task instances TEST_SEEDS[F:F+N] (default: the run's own instances)")
-    p.add_argument("--first-instance", type=int, default=None, help="F for --instances (default 0)")
+    add_instances(p, default="the run's own instances")
     p.add_argument("--seed-base", type=int, default=0, help="member m draws noise seed SEED_BASE + m (default 0)")
-    add_device(p)
-    add_dtype(p)
-    p.add_argument("--batch-size", type=int, default=128, help="videos per pipeline call at most (default 128)")
-    add_workers(p)
-    add_model_dir(p)
+    add_execution(p, batch_size=128)
 
 
 def config_from_args(args: argparse.Namespace, device: str):
-    from ..experiments.scoring import default_workers
     from ..experiments.search import SearchConfig
 
-    if args.first_instance is not None and args.instances is None:
-        raise ValueError("--first-instance needs --instances (without it the run's own instances are measured)")
+    n_instances, first = instances(args)
     ns = int_list(args.n, "--n")
     if not ns:
         raise ValueError("--n must name at least one sample count, e.g. '1,4'")
     return SearchConfig(ns=ns, prune_steps=int_list(args.prune_steps, "--prune-steps"), merges=split(args.merges),
                         ks=int_list(args.k, "--k"), step_counts=int_list(args.step_counts, "--step-counts"),
-                        steps=args.steps, instances=args.instances, first_instance=args.first_instance or 0,
-                        seed_base=args.seed_base, batch_size=args.batch_size,
-                        workers=default_workers(device) if args.workers is None else args.workers)
+                        steps=args.steps, instances=n_instances, first_instance=first, seed_base=args.seed_base,
+                        batch_size=args.batch_size, workers=workers(args, device))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -131,13 +131,15 @@ class BlockHooks:
         if self.twins:
             if self.token_dist is None:
                 self.token_dist, self.frame_dist = self._zeros(hidden), self._zeros(hidden)
-            rows = torch.as_tensor(list(self.twins), device=hidden.device)
-            clean = hidden[torch.as_tensor(list(self.twins.values()), device=hidden.device)].float()  # (R, T, d)
+                self._rows = torch.as_tensor(list(self.twins), device=hidden.device)
+                self._clean = torch.as_tensor(list(self.twins.values()), device=hidden.device)
+                assert hidden.shape[1] % self.n_frames == 0, f"{hidden.shape[1]} tokens in {self.n_frames} frames"
+            rows = self._rows
+            clean = hidden[self._clean].float()  # (R, T, d)
             moved = hidden[rows].float() - clean
             scale = clean.norm(dim=-1).mean(-1).clamp_min(1e-12)  # (R,)
             self.token_dist[rows, step, layer] = moved.norm(dim=-1).mean(-1) / scale
-            per_frame = (hidden.shape[1] // self.n_frames)
-            assert per_frame * self.n_frames == hidden.shape[1], f"{hidden.shape[1]} tokens in {self.n_frames} frames"
+            per_frame = hidden.shape[1] // self.n_frames
             frame_moved = moved.reshape(len(rows), self.n_frames, per_frame, -1).mean(2)  # (R, F, d)
             frame_clean = clean.reshape(len(rows), self.n_frames, per_frame, -1).mean(2)
             self.frame_dist[rows, step, layer] = (frame_moved.norm(dim=-1).mean(-1)

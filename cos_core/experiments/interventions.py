@@ -135,12 +135,12 @@ def sweep_jobs(cfg: InterventionConfig, n: int, partner: list[int] | None) -> li
 
 @dataclass
 class SweepResult:
-    """Every planned row of a sweep: its job, scores, final video (only kept for propagation and clean rows) and
-    distances to its clean twin (propagation rows)."""
+    """Every planned row of a sweep: its job, scores and, for propagation rows, distances to the clean twin that ran
+    in the same call (the final video's RMS change; block outputs per step and layer)."""
 
     jobs: list[Job]
     scores: list[dict[str, Any]]
-    finals: dict[int, np.ndarray]  # row -> (C, F, H, W)
+    final_dist: dict[int, float]  # row -> RMS of (final − the clean twin's final)
     token_dist: dict[int, np.ndarray]  # row -> (step, layer)
     frame_dist: dict[int, np.ndarray]
     means: dict[int, np.ndarray]  # row -> (step, layer, d), clean and propagation rows, when recorded
@@ -161,12 +161,12 @@ def run_sweep(replay: Replay, jobs: Sequence[Job], *, batch_size: int, seed_base
             res = run_batch(replay, batch, seed_base=seed_base, means=record)
             seeds = [int(replay.items[j.sample].instance) for j in batch]
             pending.append(scorer.scores(replay.task, seeds, res.finals))
+            twin = {j.sample: r for r, j in enumerate(batch) if j.kind == "clean"}
             for r, job in enumerate(batch):
                 row = len(rows) + r
-                if job.kind in ("clean", "propagation"):
-                    out.finals[row] = res.finals[r]
                 if job.kind == "propagation":
                     out.token_dist[row], out.frame_dist[row] = res.token_dist[r], res.frame_dist[r]
+                    out.final_dist[row] = float(np.sqrt(((res.finals[r] - res.finals[twin[job.sample]]) ** 2).mean()))
                 if record and job.kind in ("clean", "propagation"):
                     out.means[row] = res.means[r]
             rows += batch
@@ -210,25 +210,23 @@ def run_interventions(replay: Replay, config: InterventionConfig = InterventionC
     if "renoise_step" in cfg.which:
         tables["commitment"] = commitment_table(tables["interventions_samples"], replay.task, n_boot=cfg.n_boot)
     if "propagation" in cfg.which:
-        tables.update(_propagation(replay, cfg, sweep, first_clean, samples))
+        tables.update(_propagation(replay, cfg, sweep, samples))
     for name, table in tables.items():
         table.attrs["cos_config"] = config_record(cfg, replay, table=name)
     return tables
 
 
-def _propagation(replay: Replay, cfg: InterventionConfig, sweep: SweepResult, first_clean: dict[int, int],
+def _propagation(replay: Replay, cfg: InterventionConfig, sweep: SweepResult,
                  samples: pd.DataFrame) -> dict[str, pd.DataFrame]:
     rows = [r for r, j in enumerate(sweep.jobs) if j.kind == "propagation"]
     twin = {sweep.jobs[r].sample: r for r in sweep.means if sweep.jobs[r].kind == "clean"}  # clean rows measured
     clean_means = np.stack([sweep.means[twin[i]] for i in range(len(replay.items))])  # (sample, step, layer, d)
     perturbed = {s: np.stack([sweep.means[r] for r in rows if sweep.jobs[r].position == s]) for s in cfg.steps}
-    final_dist = [float(np.sqrt(((sweep.finals[r] - sweep.finals[first_clean[sweep.jobs[r].sample]]) ** 2).mean()))
-                  for r in rows]
     flipped = samples[samples["kind"] == "propagation"]["flipped"].to_numpy()
     per_job = pd.DataFrame({"sample": [sweep.jobs[r].sample for r in rows],
                             "inject_step": [sweep.jobs[r].position for r in rows],
                             "instance": [replay.items[sweep.jobs[r].sample].instance for r in rows],
-                            "final_distance": final_dist, "flipped": flipped})
+                            "final_distance": [sweep.final_dist[r] for r in rows], "flipped": flipped})
     return propagation_tables(clean_means, perturbed, per_job, np.stack([sweep.token_dist[r] for r in rows]),
                               np.stack([sweep.frame_dist[r] for r in rows]), strength=cfg.propagation_strength,
                               n_boot=cfg.n_boot, regime=regime(replay.task))
