@@ -372,8 +372,10 @@ def intervention_curves(table: pd.DataFrame) -> go.Figure:
                                                         "noise at one frame (all steps)"), shared_yaxes=True)
     for col, kind in enumerate(("noise_step", "noise_frame"), start=1):
         part = table[table["kind"] == kind]
-        if not part.empty:
-            _curve(fig, part, kind, 1, col)
+        by = part.groupby("strength", sort=True) if "strength" in part else [(None, part)]
+        for strength, one in by:  # one line per λ when the table holds a strength sweep
+            if not one.empty:
+                _curve(fig, one, kind if strength is None else f"{kind}, λ={strength:g}", 1, col)
     fig.update_xaxes(title_text="step replaced", row=1, col=1)
     fig.update_xaxes(title_text="frame replaced", row=1, col=2)
     fig.update_yaxes(title_text="score", row=1, col=1)

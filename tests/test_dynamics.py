@@ -136,6 +136,25 @@ def test_trajectory_reads_real_task_frames(name):
         assert traj["explored_cells"].iloc[3] == 0
 
 
+def test_the_task_is_built_with_the_runs_own_task_params():
+    """`cos capture` records {task: params} (the shipped organism's 9x9 maze); a task absent from it, or an empty
+    record, gets the defaults; an old flat record is read as the task's parameters."""
+    from types import SimpleNamespace
+
+    from cos_core.analysis.step_frames import task_for
+
+    def run(params):
+        return SimpleNamespace(run_id="r", manifest={"config": {"task_params": params}})
+
+    maze = task_for(run({"maze": {"size": 9, "cell_px": 2, "min_path": 14}}), "maze")
+    assert (maze.config.size, maze.config.cell_px, maze.config.min_path) == (9, 2, 14)
+    assert task_for(run({"maze": {"size": 9}}), "fork").config == get_task("fork").config
+    assert task_for(run({}), "maze").config == get_task("maze").config
+    assert task_for(run({"size": 4}), "maze").config.size == 4
+    with pytest.raises(ValueError, match="must be an object"):
+        task_for(run([1]), "maze")
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="persist=0"):
         DynamicsConfig(persist=0)

@@ -124,6 +124,13 @@ def test_renoise_keeps_the_previous_x0_and_redraws_a_fraction_of_the_noise(repla
         torch.testing.assert_close(noisy_in, clean_in, atol=1e-5, rtol=1e-5)
 
 
+def test_a_propagation_run_is_the_renoise_run_of_its_strength(replay):
+    propagated = run_batch(replay, [Job(2), Job(2, "propagation", 1, 0.5)])
+    renoised = run_batch(replay, [Job(2, "renoise_step", 1, 0.5)])
+    np.testing.assert_allclose(propagated.finals[1], renoised.finals[0], atol=1e-5)
+    assert propagated.token_dist[1, 1:].min() > 0 and np.isnan(propagated.token_dist[0]).all()
+
+
 def test_renoise_at_a_frame_changes_only_that_frame_of_the_first_input(replay):
     clean, _ = step_inputs(replay, [Job(0)])
     noisy, _ = step_inputs(replay, [Job(0, "renoise_frame", 5, 1.0)])

@@ -37,9 +37,13 @@ def run_tasks(archive: Archive) -> dict[str, list[int]]:
 
 
 def task_for(archive: Archive, name: str) -> Task:
+    """Task `name` with the parameters the run was captured with: manifest config.task_params is {task: params}
+    (what `cos capture` records, empty for a task at its defaults); an older flat {param: value} is read as such."""
     params = archive.manifest.get("config", {}).get("task_params") or {}
     if not isinstance(params, dict):
         raise ValueError(f"{archive.run_id}: manifest config.task_params must be an object, got {params!r}")
+    if all(isinstance(v, dict) for v in params.values()):  # per task
+        params = params.get(name) or {}
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     return get_task(name, **params)
 

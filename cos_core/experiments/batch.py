@@ -22,6 +22,7 @@ from .noise import Mixer, NoiseJob, counter_normal, noise_key
 
 PATCH_KINDS = ("layer_swap", "patch")  # rows that take a donor row's block contribution at (position, step)
 CARRY = ("update", "output", "random")  # donor's update (output - input), its whole output, a random update
+NOISE_OF = {"propagation": "renoise_step"}  # a propagation run is the renoise_step run of its λ, on the same ε
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ def run_batch(replay: Any, jobs: Sequence[Job], *, seed_base: int = 0, means: bo
     p_t, p_h, p_w = replay.pipe.transformer.config.patch_size
     n_tokens = n_frames * (h // p_h) * (w // p_w)
     latents = replay.noise([replay.items[j.sample].seed for j in jobs])  # (B, C, F, H, W)
-    mixer = Mixer([NoiseJob(j.kind, j.position, j.strength, noise_key(seed_base, j.sample, j.kind)) for j in jobs])
+    keys = [noise_key(seed_base, j.sample, NOISE_OF.get(j.kind, j.kind)) for j in jobs]
+    mixer = Mixer([NoiseJob(j.kind, j.position, j.strength, key) for j, key in zip(jobs, keys)])
     sigmas = replay.sigmas()
     mixer.apply(latents, 0, None, sigmas[0])
     clean_row = {j.sample: r for r, j in enumerate(jobs) if j.kind == "clean"}

@@ -19,6 +19,7 @@ import torch
 MASK32 = 0xFFFFFFFF
 REPLACE = ("noise_step", "noise_frame")  # x <- (1-λ)·x + λ·ε: leaves the data distribution for 0 < λ and late steps
 RENOISE = ("renoise_step", "renoise_frame")  # x_s = (1-σ_s)·x̂0 + σ_s·(√(1-λ)·ε̂ + √λ·ε′): stays on it
+ON_DISTRIBUTION = RENOISE + ("propagation",)  # the propagation map's perturbation is a renoise_step
 AT_STEP = ("noise_step", "renoise_step", "propagation")  # kinds that act on one step, all frames
 AT_FRAME = ("noise_frame", "renoise_frame")  # kinds that act on one latent frame, every step
 NOISE_KINDS = REPLACE + RENOISE + ("propagation",)
@@ -110,7 +111,7 @@ class Mixer:
             eps = counter_normal(torch.as_tensor(self.keys[rows]), step, target.shape[1:], latents.device)
             lam = torch.as_tensor(self.strength[rows], dtype=torch.float32, device=latents.device)
             lam = lam.reshape(-1, *[1] * (target.ndim - 1))
-            renoise = torch.as_tensor(np.isin(self.kinds[rows], RENOISE), device=latents.device)
+            renoise = torch.as_tensor(np.isin(self.kinds[rows], ON_DISTRIBUTION), device=latents.device)
             renoise = renoise.reshape(lam.shape)
             mixed = self._mix(target.float(), eps, lam, renoise, step, x0_hat, rows, frame, sigma)
             self._write(latents, rows, frame, mixed.to(latents.dtype))
