@@ -25,7 +25,7 @@ STRENGTHS=${STRENGTHS:-0.1,0.25,0.5,1}  # λ of the strength sweep
 LAYERS=${LAYERS:-}                      # blocks patched (default: all 8)
 PATCH_STEPS=${PATCH_STEPS:-0,2,4,8}     # steps patched
 SEARCH_N=${SEARCH_N:-1,2,4,8}
-SEARCH_K=${SEARCH_K:-1,2,4}             # prune steps of the early search, and merged steps of the ensembles
+SEARCH_K=${SEARCH_K:-1,2,4,8}           # prune steps of the early search, and merged steps of the ensembles
 MERGES=${MERGES:-mean_x_t,mean_v_hat,mean_x0_hat,noise_mean}
 common=(--runs-dir "$RUNS" --batch-size "$BATCH" ${DEVICE:+--device "$DEVICE"})
 mkdir -p "$RUNS" "$OUT"

@@ -48,10 +48,10 @@ def test_a_changed_number_or_a_new_table_fails_the_check(tmp_path, capsys):
     assert "extra-run" in doc.read_text(encoding="utf-8")
 
 
-def commitment(path: Path) -> pd.DataFrame:
-    """A commitment table from a hand-made per-sample table (4 instances x 2 seeds, steps 0 and 4)."""
+def commitment(path: Path, instances: int = 4) -> pd.DataFrame:
+    """A commitment table from a hand-made per-sample table (instances x 2 seeds, steps 0 and 4)."""
     rows = []
-    for s in range(8):
+    for s in range(2 * instances):
         rows.append(dict(kind="clean", sample=s, instance=str(s // 2), answer_key="a", correct=True, strength=0.0,
                          step=-1))
         for step, key in ((0, "b" if s % 2 else "a"), (4, "a")):
@@ -68,10 +68,12 @@ def test_every_section_renders_from_whatever_exists(tmp_path):
     assert empty.count("*Not measured yet:*") == 7 and "(no tables yet)" in empty
     tables = tmp_path / "tables"
     tables.mkdir()
-    commitment(tables / "run-a.commitment.parquet")
-    text = findings.render(findings.load(tables, card=None))
+    commitment(tables / "run-a.commitment.parquet", instances=30)
+    commitment(tables / "run-b.commitment.parquet", instances=3)
+    text = " ".join(findings.render(findings.load(tables, card=None)).split())
     assert "### maze (unique answer), run `run-a`, λ = 1" in text
-    assert "Committed (the lower bound of P(same) stays ≥ 90 %) from step 4 on" in text
+    assert "Committed (the lower bound of P(same) stays ≥ 90 %) from step 4 on" in text  # run-a: 30 instances
+    assert "3 instances: too few for a claim" in text and text.count("Committed (") == 1  # run-b: no claim
     assert "`cos intervene extra-run --which renoise_step`" in text and "reproducible-only" in text
     assert text.count("*Not measured yet:*") == 6
 

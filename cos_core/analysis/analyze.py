@@ -120,11 +120,12 @@ def _label_subsets(archive: Archive, config: AnalyzeConfig, task: str, samples: 
 
 
 def analyze_run(archive: Archive, which: Iterable[str] | None = None, config: AnalyzeConfig = AnalyzeConfig(), *,
-                write: bool = True, progress: Callable[[Iterable], Iterable] = lambda it: it
-                ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+                write: bool = True, progress: Callable[[Iterable], Iterable] = lambda it: it,
+                command: list[str] | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Compute (and write into ``derived/``) the analyses in `which` (None: every one that applies).
 
     Returns ({table name: table}, {analysis: reason skipped}). Naming an analysis that does not apply raises.
+    `command` (the command line that asked for it) is recorded in every table's `cos_config`.
     """
     reasons = applicability(archive, config)
     if which is None:
@@ -150,7 +151,7 @@ def analyze_run(archive: Archive, which: Iterable[str] | None = None, config: An
             spec = config.features if reasons["probes"] is None else None
             tables.update(run_memory(archive, spec, config.probe, progress))
     resolved = {"cos_version": __version__, "run_id": archive.run_id, "analyses": chosen,
-                "config": json.loads(json.dumps(asdict(config), default=str))}
+                "config": json.loads(json.dumps(asdict(config), default=str)), "command": command}
     for name, table in tables.items():
         table.attrs["cos_config"] = json.dumps({**resolved, "table": name}, sort_keys=True)
     if write:

@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from .report import (CARD, DOC, GENERATOR, RESEARCH, SHIPPED_RUNS, TABLES, Sources, Table, cite, load, md_table,
-                     missing, n_of, num, pct, rate)
+                     missing, n_of, num, pct, rate, too_small)
 from .steps import steps_table
 
 __all__ = ["CARD", "DOC", "TABLES", "check", "load", "render"]
@@ -96,7 +96,7 @@ def commitment_body(src: Sources, t: Table) -> list[str]:
              f"accuracy {clean}.")
     header = ["step re-noised", "same answer", "accuracy", "same answer when the clean one is wrong"]
     return [f"### {f['task'].iloc[0]} ({f['regime'].iloc[0]} answer), run `{t.run}`, λ = {f['strength'].iloc[0]:g}",
-            "", md_table(header, rows), "", claim, cite(src, t, n_of(f)), ""]
+            "", md_table(header, rows), "", too_small(f) or claim, cite(src, t, n_of(f)), ""]
 
 
 def noise_body(src: Sources, t: Table) -> list[str]:
@@ -112,7 +112,7 @@ def noise_body(src: Sources, t: Table) -> list[str]:
                      pct(part["value"].mean())])
     return [f"### run `{t.run}` ({t.frame['regime'].iloc[0]} answer; clean accuracy {pct(f['baseline'].iloc[0])})", "",
             md_table(["kind", "distribution", "λ", "positions", "lowest accuracy", "mean over positions"], rows), "",
-            cite(src, t, n_of(f)), ""]
+            *([too_small(f)] if too_small(f) else []), cite(src, t, n_of(f)), ""]
 
 
 def sensitivity_body(src: Sources, t: Table) -> list[str]:
@@ -121,12 +121,11 @@ def sensitivity_body(src: Sources, t: Table) -> list[str]:
              num(r.final_distance, r.final_distance_ci_low, r.final_distance_ci_high),
              rate(r.flip_rate, r.flip_rate_ci_low, r.flip_rate_ci_high)] for r in f.itertuples()]
     peak = f.loc[f["flip_rate"].idxmax()]
+    claim = (f"- The answer changes most when the perturbation enters at step {int(peak['inject_step'])} "
+             f"({rate(peak['flip_rate'], peak['flip_rate_ci_low'], peak['flip_rate_ci_high'])}).")
     header = ["inject step", "|Δh|/|h| at the last step", "final video RMS change", "answer changed"]
     return [f"### run `{t.run}` ({f['regime'].iloc[0]} answer), λ = {f['strength'].iloc[0]:g}", "",
-            md_table(header, rows), "",
-            f"- The answer changes most when the perturbation enters at step {int(peak['inject_step'])} "
-            f"({rate(peak['flip_rate'], peak['flip_rate_ci_low'], peak['flip_rate_ci_high'])}).",
-            cite(src, t, n_of(f)), ""]
+            md_table(header, rows), "", too_small(f) or claim, cite(src, t, n_of(f)), ""]
 
 
 def patching_body(src: Sources, t: Table) -> list[str]:
@@ -142,6 +141,7 @@ def patching_body(src: Sources, t: Table) -> list[str]:
     if len(own):
         lines.append(f"- Self-patch flip rate: at most {pct(own['null_rate'].max())} (a patch with the run's own "
                      "update changes nothing: the null that checks the machinery).")
+    lines = [too_small(f)] if too_small(f) else lines
     return [f"### run `{t.run}` ({f['task'].iloc[0]}, {f['regime'].iloc[0]} answer, {f['pairs'].iloc[0]} pairs)", "",
             md_table(["metric", "step", "layer", "patch", "random null", "effect", "n"], rows), "", *lines,
             cite(src, t, n_of(f)), ""]
@@ -162,6 +162,7 @@ def search_body(src: Sources, t: Table) -> list[str]:
         best = real.loc[real["accuracy"].idxmax()]
         lines.append(f"- Most accurate: {best['method']} (n = {int(best['n'])}, k = {int(best['k'])}, NFE "
                      f"{int(best['nfe'])}): {rate(best['accuracy'], best['ci_low'], best['ci_high'])}.")
+    lines = [too_small(f)] if too_small(f) else lines
     return [f"### {f['task'].iloc[0]} ({f['regime'].iloc[0]} answer), run `{t.run}`, S = "
             f"{int(f['num_inference_steps'].iloc[0])}", "",
             md_table(["method", "n", "k", "NFE", "accuracy", "gain"], rows), "", *lines, cite(src, t, f"{int(f['n_instances'].max())} instances"), ""]

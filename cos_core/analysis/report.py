@@ -22,6 +22,7 @@ CARD = REPO / "models" / "organism" / "eval.json"
 SHIPPED_RUNS = REPO / "cached_runs"
 DOC = REPO / "docs" / "findings.md"
 RESEARCH = "bash scripts/research_runs.sh"
+MIN_INSTANCES = 30  # fewer instances than this: the table is shown, but no claim is drawn from it
 GENERATOR = "python scripts/findings.py"
 
 
@@ -57,10 +58,12 @@ class Sources:
         return [t for (run, table), t in sorted(self.tables.items()) if table == name]
 
     def rel(self, path: Path) -> str:
-        try:
-            return path.resolve().relative_to(self.root).as_posix()
-        except ValueError:
-            return path.as_posix()
+        """`path` as the document cites it: relative to the repository, else to the tables folder's parent."""
+        path = path.resolve()
+        for root in (self.root, path.parent.parent):
+            if path.is_relative_to(root):
+                return path.relative_to(root).as_posix()
+        return path.as_posix()
 
 
 def load(tables: Path = TABLES, card: Path | None = CARD, root: Path = REPO) -> Sources:
@@ -117,3 +120,13 @@ def n_of(frame: pd.DataFrame) -> str:
     n = int(frame["n"].max()) if "n" in frame else len(frame)
     inst = f", {int(frame['n_instances'].max())} instances" if "n_instances" in frame else ""
     return f"n = {n} samples{inst}"
+
+
+def too_small(frame: pd.DataFrame) -> str | None:
+    """The caveat that replaces a section's claims when a table has fewer than MIN_INSTANCES instances."""
+    n = int(frame["n_instances"].max()) if "n_instances" in frame and len(frame) else 0
+    if n >= MIN_INSTANCES:
+        return None
+    return (f"- {n} instances: too few for a claim (intervals this wide hold almost anything; at least "
+            f"{MIN_INSTANCES} are needed here). The table shows the measurement works; `{RESEARCH}` replaces it with "
+            "the research-size run.")

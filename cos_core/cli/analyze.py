@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_runs_dir, int_list, run_dir, split
+from .common import add_runs_dir, command, int_list, run_dir, split
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     for path in _runs(args):
         archive = Archive.open(path)
         print(f"analysing {archive.run_id} ({archive.n_samples} samples)", file=sys.stderr)
-        tables, skipped = analyze_run(archive, which, config,
+        tables, skipped = analyze_run(archive, which, config, command=command(args, "analyze"),
                                       progress=lambda it: tqdm(list(it), desc=archive.run_id, unit="sample",
                                                                leave=False))
         print(json.dumps({"run": str(archive.path), "written": {name: len(t) for name, t in tables.items()},

@@ -128,8 +128,8 @@ def sweep_jobs(cfg: InterventionConfig, n: int, partner: list[int] | None) -> li
     if "propagation" in cfg.which:  # sample-major: a sample's perturbed runs share a call with its clean twin
         jobs += [Job(i, "propagation", s, cfg.propagation_strength) for i in range(n) for s in cfg.steps]
     if "layer_swap" in cfg.which:
-        jobs += [Job(i, "layer_swap", layer, 0.0, st, partner[i], carry=cfg.swap)
-                 for st in cfg.swap_steps for layer in cfg.layers for i in range(n)]
+        jobs += [Job(i, "layer_swap", layer, 0.0, st, partner[i], carry=cfg.swap)  # sample-major: one donor row
+                 for i in range(n) for st in cfg.swap_steps for layer in cfg.layers]  # serves all its swaps
     return jobs
 
 

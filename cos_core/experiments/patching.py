@@ -116,13 +116,14 @@ def donors(items: Sequence[Any], answer: Sequence[str | None], pairs: str) -> tu
 
 
 def patch_jobs(cfg: PatchConfig, other: list[int], same: list[int]) -> list[Job]:
-    """The patch and its nulls for every recipient with a donor, layer and step (tag = the comparison)."""
+    """The patch and its nulls for every recipient with a donor, layer and step (tag = the comparison), recipient by
+    recipient, so that a call's few donor rows serve all of a recipient's layers and steps."""
     jobs = []
-    for step in cfg.steps:
-        for layer in cfg.layers:
-            for r, d in enumerate(other):
-                if d < 0:
-                    continue
+    for r, d in enumerate(other):
+        if d < 0:
+            continue
+        for step in cfg.steps:
+            for layer in cfg.layers:
                 base = dict(sample=r, kind="patch", position=layer, step=step, frames=cfg.frames)
                 jobs.append(Job(**base, partner=d, carry=cfg.carry, tag="patch"))
                 if "random" in cfg.nulls:
