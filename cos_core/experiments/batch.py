@@ -89,6 +89,15 @@ class Patch:
     keys: list[int] = field(default_factory=list)
     tokens: list[np.ndarray | None] = field(default_factory=list)
 
+    def mask(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """(row, token, 1) bool: the tokens each row patches; None when every row patches every token."""
+        if all(t is None for t in self.tokens):
+            return None
+        mask = torch.zeros(len(self.rows), n_tokens, 1, dtype=torch.bool, device=device)
+        for i, tokens in enumerate(self.tokens):
+            mask[i, slice(None) if tokens is None else torch.as_tensor(tokens, device=device)] = True
+        return mask
+
 
 class BlockHooks:
     """Forward hooks on every transformer block for one batch, removed in `finally` (`__exit__`).
@@ -148,18 +157,25 @@ class BlockHooks:
 
     def _patch(self, patch: Patch, layer: int, step: int, inputs: torch.Tensor, hidden: torch.Tensor
                ) -> torch.Tensor:
+        device = hidden.device
+        rows, donors = (torch.as_tensor(v, device=device) for v in (patch.rows, patch.donors))
+        carry = np.array(patch.carry)
+        own = hidden[rows].float()  # (R, T, d)
+        delta = (hidden[donors].float() - inputs[donors].float()) - (own - inputs[rows].float())  # update change
+        random = torch.as_tensor(np.flatnonzero(carry == "random"), device=device)
+        if len(random):  # the same per-token norm in a random direction
+            keys = torch.as_tensor(patch.keys)[random.cpu()]
+            noise = counter_normal(keys, step * 4096 + layer, tuple(delta.shape[1:]), device)  # (R', T, d)
+            size = delta[random].norm(dim=-1, keepdim=True)
+            delta[random] = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12) * size
+        new = own + delta
+        whole = torch.as_tensor(carry == "output", device=device)[:, None, None]
+        new = torch.where(whole, hidden[donors].float(), new)
+        mask = patch.mask(hidden.shape[1], device)
+        if mask is not None:
+            new = torch.where(mask, new, own)
         out = hidden.clone()
-        update = hidden.float() - inputs.float()  # (B, T, d)
-        for row, donor, carry, key, tokens in zip(patch.rows, patch.donors, patch.carry, patch.keys, patch.tokens):
-            where = slice(None) if tokens is None else torch.as_tensor(tokens, device=hidden.device)
-            if carry == "output":
-                out[row, where] = hidden[donor, where]
-                continue
-            delta = update[donor, where] - update[row, where]  # (T', d): what the donor's update changes
-            if carry == "random":  # the same per-token norm in a random direction
-                noise = counter_normal(torch.tensor([key]), step * 4096 + layer, delta.shape, hidden.device)[0]
-                delta = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12) * delta.norm(dim=-1, keepdim=True)
-            out[row, where] = (hidden[row, where].float() + delta).to(hidden.dtype)
+        out[rows] = new.to(hidden.dtype)
         return out
 
     def _hook(self, layer: int) -> Callable:

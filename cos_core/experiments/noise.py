@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
+CHUNK = 1 << 24  # elements hashed per pass
 REPLACE = ("noise_step", "noise_frame")  # x <- (1-λ)·x + λ·ε: leaves the data distribution for 0 < λ and late steps
 RENOISE = ("renoise_step", "renoise_frame")  # x_s = (1-σ_s)·x̂0 + σ_s·(√(1-λ)·ε̂ + √λ·ε′): stays on it
 ON_DISTRIBUTION = RENOISE + ("propagation",)  # the propagation map's perturbation is a renoise_step
@@ -50,14 +51,14 @@ def counter_normal(keys: torch.Tensor, step: int, shape: Sequence[int], device: 
     keys = torch.as_tensor(keys, dtype=torch.int64, device=device).reshape(-1, 1)  # (B, 1)
     n = int(np.prod(shape))
     index = torch.arange(n, dtype=torch.int64, device=device)[None]  # (1, n)
+    streams = [_hash32(index ^ stream) for stream in (0x9E3779B9, 0x85EBCA6B)]  # (1, n) each
     row = _hash32(keys ^ _hash32(torch.full_like(keys, int(step) & MASK32)))  # (B, 1)
-    uniforms = []
-    for stream in (0x9E3779B9, 0x85EBCA6B):
-        h = _hash32(_hash32(index ^ stream) ^ row)  # (B, n)
-        uniforms.append(((h >> 8).float() + 0.5) / float(1 << 24))  # (0, 1), 24 bits
-    u1, u2 = uniforms
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * np.pi * u2)
-    return z.reshape(len(keys), *shape)
+    out = torch.empty(len(keys), n, dtype=torch.float32, device=device)
+    chunk = max(1, CHUNK // max(n, 1))  # rows per pass: the int64 intermediates stay ~CHUNK elements
+    for lo in range(0, len(keys), chunk):
+        u1, u2 = ((((_hash32(s ^ row[lo:lo + chunk]) >> 8).float() + 0.5) / float(1 << 24)) for s in streams)
+        out[lo:lo + chunk] = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * np.pi * u2)  # Box-Muller
+    return out.reshape(len(keys), *shape)
 
 
 def noise_key(seed_base: int, sample: int, kind: str) -> int:
