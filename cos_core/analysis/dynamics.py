@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..archive import Archive
+from .commitment import regime
 from .stats import bootstrap_weights, encode_groups, group_mean_ci
 from .step_frames import StepFrames, check_finite_frames, frame_source, instance_of, run_tasks, step_frames, task_for
 
@@ -240,6 +241,7 @@ def run_dynamics(archive: Archive, config: DynamicsConfig = DynamicsConfig(),
 def event_rates(archive: Archive, answers: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     """Per task, kind and step: how many samples had that event there, the rate and its instance bootstrap CI."""
     meta = archive.samples.set_index("sample")
+    regimes = {name: regime(task_for(archive, name)) for name in run_tasks(archive)}
     rows = []
     for task, part in answers.groupby(answers["sample"].map(meta["task"])):
         samples = np.sort(part["sample"].unique())
@@ -251,9 +253,9 @@ def event_rates(archive: Archive, answers: pd.DataFrame, events: pd.DataFrame) -
             mine = events[(events["kind"] == kind) & events["sample"].isin(samples)]
             hit[np.searchsorted(steps, mine["step"]), np.searchsorted(samples, mine["sample"])] = 1.0
             rate, lo, hi = group_mean_ci(hit, group, n_groups, weights)
-            rows += [{"task": task, "kind": kind, "step": int(s), "n_events": int(hit[j].sum()),
-                      "n": len(samples), "n_instances": n_groups, "rate": rate[j], "ci_low": lo[j],
-                      "ci_high": hi[j]} for j, s in enumerate(steps)]
+            rows += [{"task": task, "regime": regimes[task], "kind": kind, "step": int(s),
+                      "n_events": int(hit[j].sum()), "n": len(samples), "n_instances": n_groups, "rate": rate[j],
+                      "ci_low": lo[j], "ci_high": hi[j]} for j, s in enumerate(steps)]
     return _with_meta(archive, pd.DataFrame(rows), samples=False)
 
 

@@ -3,7 +3,7 @@
 donor with the same answer); writes ``derived/patching`` and ``derived/patching_samples``.
 
 Owns argument parsing, loading the replay, the progress bar and the printed one-line JSON summary; the measurement
-is `cos_core.experiments.patching.run_patching`. Every table is computed before any is written.
+is `cos_core.experiments.patching.run_patching`. Every table is computed before any is written; never streamlit.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`cos report`: regenerate docs/findings.md from archived tables (`tables/<run>.<table>.parquet`, the model card's
 eval.json, the shipped runs), or with --check say whether the document and the tables agree (exit 1 and the diff
 when they do not). Owns argument parsing and printing; the document is `cos_core.analysis.findings.render`.
+Never imports torch or streamlit.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ early-planning search (keep the seed whose early x̂0 agrees with most others), 
 control and the plain model at other step counts, each with the forward passes it spends; ``derived/search*``.
 
 Owns argument parsing, the progress bar and the printed one-line JSON summary; the measurement is
-`cos_core.experiments.search.run_search`. Every table is computed before any is written.
+`cos_core.experiments.search.run_search`. Every table is computed before any is written; never streamlit.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 Chain-of-Steps regime), measured on held-out instances or read from a model card's eval.json, as one parquet table.
 
 Owns argument parsing, writing the table (atomically, with its command in the `cos_config` metadata) and the
-printed one-line JSON summary; the measurement is `cos_core.experiments.steps.measure_steps`.
+printed one-line JSON summary; the measurement is `cos_core.experiments.steps.measure_steps` (torch only when it
+samples). Never imports streamlit.
 """
 
 from __future__ import annotations

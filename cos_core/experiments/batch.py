@@ -1,11 +1,8 @@
-"""One pipeline call for many (sample, intervention) jobs: the job, how jobs are packed into batches, and the block
-hooks that patch and measure inside the call.
-
-Owns `Job`, `plan_batches` (packs jobs so that every job runs beside the clean rows it reads: a patch's donor, a
-perturbed run's clean twin), `BlockHooks` (forward hooks on every transformer block, removed in `finally`: token-mean
-outputs, per-token and per-frame distances of a row to its clean twin computed on the device, and patches that add a
-donor's block update, a random update of the same per-token norm, or the donor's whole output) and `run_batch`.
-Imports torch and capture.hooks; never streamlit, diffusers or analysis.
+"""One pipeline call for many (sample, intervention) jobs. Owns `Job`, `plan_batches` (every job runs beside the
+clean rows it reads: a patch's donor, a perturbed run's clean twin), `BlockHooks` (forward hooks on every block,
+removed in `finally`: token means, per-token and per-frame distances to the clean twin on the device, and patches
+that add a donor's block update, a random update of the same per-token norm, or copy the donor's output) and
+`run_batch`. Imports torch and capture.hooks; never streamlit, diffusers or analysis.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""The noise interventions mix into a batch: drawn per sample, in one tensor per batch, on the pipeline's device.
-
-Owns `counter_normal` (N(0, 1) from a keyed integer hash of (sample key, step, element): the same numbers for a job
-whatever batch it runs in, on any device, with no generator per row), `noise_key`, and `Mixer`, which applies every
-noise kind of a batch to the latent entering a step: off-distribution replacement (`noise_step`, `noise_frame`: x <-
-(1-λ)x + λε, the paper's probe at λ = 1) and on-distribution re-noising (`renoise_step`, `renoise_frame`: keep x̂0 of
-the previous step, redraw a fraction λ of the noise at the step's σ). Imports torch and numpy; never pipelines.
+"""The noise interventions mix into a batch, drawn per sample in one tensor per batch on the device. Owns
+`counter_normal` (N(0, 1) from a keyed integer hash of (key, step, element): a job's numbers whatever batch it runs
+in), `noise_key`, and `Mixer`: off-distribution replacement (`noise_step`, `noise_frame`: x <- (1-λ)x + λε, the
+paper's probe at λ = 1) and on-distribution re-noising (`renoise_step`, `renoise_frame`: keep x̂0 of the previous
+step, redraw a fraction λ of the noise at the step's σ). Imports torch and numpy; never pipelines.
 """
 
 from __future__ import annotations

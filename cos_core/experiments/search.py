@@ -1,12 +1,8 @@
-"""Test-time scaling at equal compute: more samples, more steps, merged seeds or an early-planning search, each
-placed by the transformer forward passes (NFE) it spends per instance.
-
-Owns `SearchConfig`, the independent runs (n seeds per instance, the answer of x̂0 read at the prune steps), the
-selection rules (majority vote of n answers; early search: keep the seed whose x̂0 after k steps agrees with most
-other seeds' and continue it; an oracle "any of n correct" as the ceiling), the plain model at other step counts,
-the latent-ensemble rows through `ensemble.run_job`, and the `search` / `search_samples` tables. With a
-deterministic sampler, continuing a kept seed reproduces its independent run, so the early search's output is read
-from that run and its cost counted as n·k + (S − k). Imports torch through the replay; never streamlit.
+"""Test-time scaling at equal compute, each method placed by the forward passes (NFE) it spends per instance. Owns
+`SearchConfig`, the independent runs (n seeds, x̂0's answer read at the prune steps), the selection rules (majority
+of n; early search: keep the seed whose x̂0 after k steps most others share — with a deterministic sampler its
+continuation is its independent run, costed n·k + S − k; the oracle "any of n"), the plain model at other step
+counts, the ensemble rows (`ensemble.run_job`) and the `search` tables. Imports torch; never streamlit.
 """
 
 from __future__ import annotations
