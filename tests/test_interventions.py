@@ -247,6 +247,7 @@ def test_flips_adoptions_and_the_summary_by_hand():
     rows = table[table["kind"] == "layer_swap"]
     assert rows["flipped"].tolist() == [False, True, True, True]  # 0 kept "a"; 3 became unreadable
     assert rows["adopted"].tolist() == [False, True, False, False]  # partners answered None, "a", "a", "b"
+    assert mark_flips(pd.DataFrame(clean + swap), adopt_on=None)["adopted"].iloc[4:].isna().all()
     summary = summarise(table, n_boot=200).iloc[0]
     assert summary["value"] == summary["flip_rate"] == 0.75 and summary["baseline"] == 0.75
     assert summary["n"] == 4 and summary["n_instances"] == 2 and summary["ci_low"] <= 0.75 <= summary["ci_high"]
@@ -328,6 +329,7 @@ def test_cli_writes_the_documented_tables(replay, model_dir, capsys):
         ("noise_step", "off"), ("noise_frame", "off"), ("renoise_step", "on"), ("renoise_frame", "on"),
         ("layer_swap", "")}
     assert ((table["ci_low"] <= table["value"]) & (table["value"] <= table["ci_high"])).all()
+    assert table.loc[table["kind"] == "layer_swap", "adopt_rate"].isna().all()  # fork's goal index does not transfer
     samples = replay.archive.derived("interventions_samples")
     clean = samples[samples["kind"] == "clean"].sort_values("sample")
     assert (clean["correct"].to_numpy() == replay.archive.samples["score_correct"].to_numpy()).all()

@@ -16,6 +16,10 @@ from .stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 
 ALPHA = 0.05
 METRICS = ("flip", "adopt")
+# the outcome label whose value means the same thing in every instance of a task (the answer that transfers):
+# recall's identity (which of 4 objects), dispatch's colour (which of 4 colours). Maze paths, arrows chains and
+# fork's goal index (goal 0 of one maze is not goal 0 of another) do not transfer: instance pairs give flips only.
+TRANSFER_LABELS = {"recall": "identity", "dispatch": "colour"}
 
 
 def paired_effect(diff: np.ndarray, group: np.ndarray, n_groups: int, weights: np.ndarray

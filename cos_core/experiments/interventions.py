@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.commitment import commitment_table, regime
+from ..analysis.effects import TRANSFER_LABELS
 from ..analysis.propagation import MIN_SAMPLES, propagation_tables
 from ..analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 from ..capture.run import WorkItem
@@ -233,29 +234,36 @@ def _propagation(replay: Replay, cfg: InterventionConfig, sweep: SweepResult,
 
 
 def per_sample(replay: Replay, jobs: Sequence[Job], scores: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per job: what ran (kind, position, step, strength, partner) and its scores, with flips marked."""
+    """One row per job: what ran (kind, position, step, strength, partner) and its scores, with flips marked; a
+    layer swap's partner is another instance, so adoption compares the answer that transfers (`TRANSFER_LABELS`)."""
     rows = []
     for job, score in zip(jobs, scores):
         item = replay.items[job.sample]
         rows.append({"kind": job.kind, "position": job.position, "step": job.step, "strength": job.strength,
                      "sample": job.sample, "sample_id": item.sample_id, "instance": item.instance, "seed": item.seed,
                      "partner": job.partner, **score})
-    table = mark_flips(pd.DataFrame(rows))
+    label = TRANSFER_LABELS.get(replay.task.name)
+    table = mark_flips(pd.DataFrame(rows), f"outcome_{label}" if label else None)
     table["distribution"] = np.select([table["kind"].isin(REPLACE), table["kind"].isin(RENOISE)], ["off", "on"],
                                       "")
     return table
 
 
-def mark_flips(table: pd.DataFrame) -> pd.DataFrame:
+def mark_flips(table: pd.DataFrame, adopt_on: str | None = "answer_key") -> pd.DataFrame:
     """Add `flipped` (the answer differs from the sample's clean answer; unreadable counts as an answer) and
-    `adopted` (flipped, to a readable answer equal to the layer-swap partner's clean answer) to a per-sample table
-    whose "clean" rows hold each sample's clean answer; noise_step / renoise_step rows get `step` = position."""
+    `adopted` (for rows with a partner: flipped, to a readable `adopt_on` value equal to the partner's clean one; NaN
+    when `adopt_on` is None, i.e. the task's answers mean nothing across instances) to a per-sample table whose
+    "clean" rows hold each sample's clean answer; noise_step / renoise_step rows get `step` = position."""
     table = table.copy()
-    clean = table[table["kind"] == "clean"].set_index("sample")["answer_key"]
-    table["flipped"] = table["answer_key"].fillna("∅") != table["sample"].map(clean).fillna("∅")
-    partner_key = table["partner"].map(clean)
-    table["adopted"] = (table["partner"] >= 0) & table["flipped"] & table["answer_key"].notna() & \
-        (table["answer_key"] == partner_key)
+    clean = table[table["kind"] == "clean"].set_index("sample")
+    table["flipped"] = table["answer_key"].fillna("∅") != table["sample"].map(clean["answer_key"]).fillna("∅")
+    has = table["partner"] >= 0
+    if adopt_on is None:
+        table["adopted"] = np.where(has, np.nan, 0.0)
+    else:
+        value = table[adopt_on]
+        same = value.notna() & (value == table["partner"].map(clean[adopt_on]))
+        table["adopted"] = (has & table["flipped"] & same).astype(float)
     at_step = table["kind"].isin(["noise_step", "renoise_step", "propagation"])
     table.loc[at_step, "step"] = table.loc[at_step, "position"]
     return table
@@ -279,7 +287,7 @@ def summarise(samples: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
                      "ci_low": float(low), "ci_high": float(high), "n": len(part),
                      "n_instances": part["instance"].nunique(), "baseline": baseline, "metric": metric,
                      "mean_score": float(part["score"].mean()), "flip_rate": float(part["flipped"].mean()),
-                     "adopt_rate": float(part["adopted"].mean()) if kind == "layer_swap" else np.nan,
+                     "adopt_rate": float(part["adopted"].mean()) if kind == "layer_swap" else np.nan,  # NaN: no transfer
                      "strength": float(strength), "distribution": str(part["distribution"].iloc[0]) or None})
     return pd.DataFrame(rows)
 

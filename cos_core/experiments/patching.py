@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.commitment import regime
-from ..analysis.effects import ALPHA, patching_table
+from ..analysis.effects import ALPHA, TRANSFER_LABELS, patching_table
 from ..analysis.stats import N_BOOT
 from .batch import Job
 from .interventions import Progress, config_record, run_sweep
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 PAIRS = ("seed", "instance")
 NULLS = ("self", "random", "same_answer")
 CARRIES = ("update", "output")
-# the outcome label whose value means the same thing in every instance of a task (the answer that transfers):
-# recall's identity (which of 4 objects), dispatch's colour (which of 4 colours). Maze paths, arrows chains and
-# fork's goal index (goal 0 of one maze is not goal 0 of another) do not transfer: instance pairs give flips only.
-TRANSFER_LABELS = {"recall": "identity", "dispatch": "colour"}
 
 
 @dataclass(frozen=True)
