@@ -4,8 +4,8 @@ interventions and the ensemble all use it.
 
 Owns `patched` (wrap an attribute, restore it exactly in `finally`), `hooked` (a forward or forward-pre hook removed
 in `finally`), `BranchTracker` and `SkipTracker`. No other module of cos_core assigns `scheduler.step` or
-`cache_context` (tests/test_architecture.py checks). Imports the standard library only; torch modules arrive as
-arguments.
+`cache_context` (tests/test_architecture.py checks). Imports the standard library and, inside `hooked`, torch (to
+keep hooks out of `torch.compile`'s graphs); torch modules arrive as arguments.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ def patched(obj: Any, attr: str, wrap: Callable[[Any], Any]) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def hooked(module: Any, hook: Callable, *, pre: bool = False, with_kwargs: bool = False) -> Iterator[None]:
-    """`hook` registered on a torch module's forward (or, with `pre`, before it) for the block, removed in `finally`."""
+    """`hook` registered on a torch module's forward (or, with `pre`, before it) for the block, removed in `finally`.
+    The hook always runs eagerly: inside a `torch.compile`d model it is a graph break, not traced."""
+    import torch
+
+    hook = torch.compiler.disable(hook)
     if pre:
         handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
     else:
@@ -90,8 +94,9 @@ class SkipTracker:
 
     @staticmethod
     def cached(module: Any) -> bool:
-        """Whether any module under `module` carries a diffusers hook registry (a cache, offloading, casting)."""
-        return any(getattr(m, "_diffusers_hook", None) is not None for m in module.modules())
+        """Whether any module under `module` carries diffusers hooks (a cache, group offloading, layerwise casting,
+        context parallelism); `cache_context` alone leaves an empty registry on the transformer."""
+        return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in module.modules())
 
     @staticmethod
     def leads(block: Any) -> bool:

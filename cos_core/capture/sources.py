@@ -102,7 +102,7 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
         inst = task.instance(TEST_SEEDS[k])
         frame = torch.from_numpy(inst.first_frame).to(device=device, dtype=dtype)
         for seed in seeds:
-            kwargs = {"first_frame": frame}
+            kwargs = {"first_frame": frame[None]}  # (1, 3, H, W): items of a batched call concatenate
             if members is not None:  # member m starts from seed + m's noise (member 0: the plain run of this seed)
                 kwargs = {"first_frame": frame.expand(members, -1, -1, -1),
                           "latents": pipe.seed_noise(range(seed, seed + members))}
