@@ -55,8 +55,8 @@ def family_of(pipe: Any) -> Family:
     class (or a base class; a `torch.compile`d one is looked through) a supported transformer."""
     name = type(pipe).__name__
     if not set(_lineage(pipe)) & set(SUPPORTED_PIPELINES):
-        raise ValueError(f"pipeline class {name!r} is not supported (nor a subclass of a supported one); supported: "
-                         f"{', '.join(SUPPORTED_PIPELINES)}")
+        raise ValueError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)} "
+                         "(or a subclass of one)")
     transformer = unwrap(getattr(pipe, "transformer", None))
     lineage = _lineage(transformer)
     for family in FAMILIES.values():
