@@ -69,6 +69,10 @@ def test_a_batched_organism_archive_equals_the_unbatched_one_bit_for_bit(organis
     assert_same_archive(batched, unbatched)
 
 
+def test_shards_written_by_threads_while_the_next_call_runs_are_the_same(organism, unbatched, tmp_path):
+    assert_same_archive(capture_organism(organism, tmp_path, "threads", batch_size=4, writers=2), unbatched)
+
+
 def test_a_joint_forward_agrees_to_rounding_and_starts_from_the_same_noise(organism, unbatched, tmp_path):
     joint = capture_organism(organism, tmp_path, "joint", batch_size=6, batch_forward="joint")
     assert joint.manifest["timing"]["batch_forward"] == "joint"

@@ -16,6 +16,7 @@ import logging
 import platform
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -107,6 +108,7 @@ def _decode(pipe: Any, family: fam.Family, tensors: dict[str, np.ndarray], posit
 
 
 BATCH_FORWARDS = ("auto", "per_item", "joint")
+WRITERS = 4  # threads scoring and writing shards on a GPU run
 
 
 def _callbacks(call_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Callable | None, list[str]]:
@@ -129,8 +131,9 @@ class _Batches:
     item's index once its shard is written (a progress bar wraps it; `len` is the item count)."""
 
     def __init__(self, todo: list[int], size: int | None, run_group: Callable[[list[int]], Iterable[int]],
-                 items: list[WorkItem], device: torch.device):
+                 items: list[WorkItem], device: torch.device, drain: Callable[[], Iterable[int]]):
         self.todo, self.size, self.run_group, self.items, self.device = todo, size, run_group, items, device
+        self.drain = drain
 
     def __len__(self) -> int:
         return len(self.todo)
@@ -150,13 +153,15 @@ class _Batches:
                 peak = torch.cuda.max_memory_allocated(self.device) - base
                 self.size = batching.fit_batch_size(self.device, peak, len(self.todo) - pos)
                 log.info("one item peaked at %.1f MB of GPU memory: batches of %d", peak / 2**20, self.size)
+        yield from self.drain()
 
 
 def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir: str | Path, run_id: str,
                 call_kwargs: dict[str, Any], source: str, decode_steps: Any = None, decode: bool = False,
                 score: Scorer | None = None, command: list[str] | None = None, extra: dict | None = None,
                 progress: Callable[[Iterable], Iterable] = lambda it: it, ranks: Ranks | None = None,
-                members: int = 1, batch_size: int | None = 1, batch_forward: str = "auto") -> Path:
+                members: int = 1, batch_size: int | None = 1, batch_forward: str = "auto",
+                writers: int | None = None) -> Path:
     """Capture every item into `runs_dir/run_id` and publish the archive; returns its path.
 
     `call_kwargs` are the pipeline's own (num_inference_steps required); a `callback_on_step_end` there is chained
@@ -165,7 +170,8 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     free memory). A pipeline that cannot batch (`batching.why_unbatchable`) runs one item per call with a warning.
     `batch_forward`: "per_item" runs each item's transformer rows on their own (archives bit-identical to batch
     size 1), "joint" one forward per call (items agree to the kernels' rounding), "auto" per_item on a CPU and
-    joint on a GPU. Under torchrun each rank captures its share of the items (`Ranks.share`) into the same run
+    joint on a GPU. `writers` threads score and write a call's shards while the next call runs (None: 4 on a GPU,
+    0 = inline on a CPU). Under torchrun each rank captures its share of the items (`Ranks.share`) into the same run
     directory and rank 0 publishes once all have finished. With context parallelism the ranks of a group run the
     same items and the group's first rank writes them. `members` > 1: each item is that many videos (a latent
     ensemble) and the first is recorded."""
@@ -217,6 +223,11 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
     done = writer.finished()
     pipe.set_progress_bar_config(disable=True)
 
+    # on a GPU the shards of one call are scored and written (fsync) by threads while the next call computes
+    writers = (WRITERS if device.type == "cuda" else 0) if writers is None else writers
+    pool = ThreadPoolExecutor(writers, thread_name_prefix="cos-shard") if writers > 0 else None
+    in_flight: list[tuple[int, Future]] = []  # the previous call's writes
+
     def run_group(group: list[int]) -> Iterable[int]:
         """One pipeline call for the items of `group`; yields each item once its shard is written."""
         chosen = [items[i] for i in group]
@@ -225,18 +236,34 @@ def capture_run(pipe: Any, items: list[WorkItem], spec: CaptureSpec, *, runs_dir
                       generator=batching.generators([it.seed for it in chosen], members, device),
                       output_type="latent", callback_on_step_end=capturer.callback(user),
                       callback_on_step_end_tensor_inputs=inputs)
-        captured = capturer.end_batch(output, copy=False)  # written below, before the next call
+        captured = capturer.end_batch(output, copy=pool is not None)  # without copies: written before the next call
         if not ranks.writes:
             return  # another rank of this context-parallel group holds the same videos and writes them
-        for sample, item, one in zip(group, chosen, captured):
-            _write(writer, sample, item, one, pipe, capturer, decode_pos, config["decode_steps"], score)
+        jobs = [(sample, item, one, pipe, capturer, decode_pos, config["decode_steps"], score)
+                for sample, item, one in zip(group, chosen, captured)]
+        if pool is None:
+            for job in jobs:
+                _write(writer, *job)
+                yield job[0]
+            return
+        previous = list(in_flight)
+        in_flight[:] = [(job[0], pool.submit(_write, writer, *job)) for job in jobs]
+        yield from drain(previous)
+
+    def drain(pending: list[tuple[int, Future]] | None = None) -> Iterable[int]:
+        for sample, future in (in_flight if pending is None else pending):
+            future.result()  # a failed write or scorer raises here
             yield sample
 
     started = time.perf_counter()
-    batches = _Batches([i for i in ranks.share(len(items)) if i not in done], size, run_group, items, device)
-    with capturer:
-        for _ in progress(batches):
-            pass
+    batches = _Batches([i for i in ranks.share(len(items)) if i not in done], size, run_group, items, device, drain)
+    try:
+        with capturer:
+            for _ in progress(batches):
+                pass
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # shards being written finish (each is atomic) before an error propagates
     ranks.barrier()  # every rank's shards are written
     if ranks.is_main:
         # wall time of the capture phase, all ranks together (from the configuration barrier to the last shard)
