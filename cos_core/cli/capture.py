@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "(Wan2.1-1.3B architecture, random weights, 480x832x33: for benchmarks), or a local "
                           "diffusers folder / hub id loaded with DiffusionPipeline.from_pretrained")
     src.add_argument("--task", default="maze", help="organism task, one it was trained on (trained_tasks in "
-                     "models/organism/model_index.json: maze, arrows, fork, recall, dispatch); ignored for other models")
+                     "models/organism/model_index.json: maze, arrows, fork, recall, dispatch); ignored for other "
+                     "models")
     src.add_argument("--instances", type=int, default=4, help="number of task instances (test seeds), default 4")
     src.add_argument("--first-instance", type=int, default=0, help="offset into the task's held-out seeds")
     src.add_argument("--seeds", default="0", help="noise seeds per instance: comma list and/or ranges "
