@@ -21,7 +21,7 @@ import torch
 
 from cos_core.archive import Archive, ArchiveError, list_runs, schema
 from cos_core.archive.schema import (CAPTURE, MANIFEST, REQUIRED_KEYS, SAMPLES, SCHEMA_VERSION, Manifest, act_key,
-                                     shard_name, token_key)
+                                     shard_name, skip_key, token_key)
 from cos_core.archive.writer import RunExistsError, RunWriter
 from cos_core.capture import SITE, Capturer, CaptureSpec
 from cos_core.capture.run import WorkItem, capture_run
@@ -79,6 +79,7 @@ def expected_layout(m: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         for branch in info["branches"]:
             for r, red in info["reductions"].items():
                 out[act_key(site, r, branch)] = ((len(info["steps"]), len(info["layers"]), *red["shape"]), "float32")
+            out[skip_key(site, branch)] = ((len(info["steps"]), len(info["layers"])), "uint8")  # cache flags
             for layer, step in info["tokens"]:
                 out[token_key(site, layer, step, branch)] = ((*grid, info["dim"]), "float32")
     if m["decoded"]:

@@ -16,8 +16,10 @@ from cos_core.capture import SITE, Capturer, CaptureSpec
 from cos_core.capture.reductions import Reducer
 
 FAMILIES = ("wan_t2v", "wan_i2v", "wan22", "cogvideox", "ltx", "hunyuan")
-VARIANTS = FAMILIES + ("cogvideox:dpm",)  # CogVideoX with its DPM scheduler as well as DDIM
-FLOW = {"wan_t2v", "wan_i2v", "wan22", "wan22_i2v", "ltx", "hunyuan"}
+# CogVideoX with its DPM scheduler as well as DDIM; Wan2.2 TI2V-5B text- and image-to-video (expand_timesteps)
+VARIANTS = FAMILIES + ("cogvideox:dpm", "wan22_ti2v_t2v", "wan22_ti2v")
+FLOW = {"wan_t2v", "wan_i2v", "wan22", "wan22_i2v", "wan22_ti2v_t2v", "wan22_ti2v", "ltx", "hunyuan"}
+TI2V = {"wan22_ti2v"}  # latent frame 0 is the image latent, for the model and in the output
 BATCHED_CFG = {"cogvideox", "ltx"}  # one doubled batch per step, uncond half first (diffusers' torch.cat order)
 FIRST_BLOCKS = {"cogvideox": "transformer_blocks", "ltx": "transformer_blocks", "hunyuan": "transformer_blocks"}
 FULL = dict(reductions=("frame_mean", "token_norm", "pool2", "proj4"))
@@ -82,6 +84,7 @@ class Observed:
         self.after: list[torch.Tensor] = []            # callback latents after each step, (1, C, F, H, W)
         self.own_x0: list[torch.Tensor] = []           # UniPC's own x̂0 (its data prediction) per step
         self.calls: list[tuple[int, str, torch.Tensor]] = []  # (step, expert, block-0 output) per transformer call
+        self.inputs: list[tuple[int, torch.Tensor]] = []  # (step, hidden_states) the transformer was given per call
 
         def user(pipe, i, t, kwargs):
             self.after.append(to_cfhw(case, kwargs["latents"]).clone())
@@ -96,8 +99,12 @@ class Observed:
                 self.calls.append((len(self.after), name, hidden.detach().clone()))
             return hook
 
+        def input_hook(module, args, kwargs):
+            self.inputs.append((len(self.after), kwargs.get("hidden_states", args[0] if args else None).clone()))
+
         handles = [first_block(case.family, m).register_forward_hook(block_hook(name))
                    for name, m in expert_modules(case.pipe)]
+        handles += [m.register_forward_pre_hook(input_hook, with_kwargs=True) for _, m in expert_modules(case.pipe)]
         spec = CaptureSpec(tokens=((0, 0), (1, case.n_steps - 1)), **FULL)
         try:
             self.out, self.tensors, self.layout = capture(case, spec, user=user)
@@ -135,7 +142,14 @@ def test_step_tensors_are_what_the_loop_held(observed):
     x_t, n = observed.tensors["x_t"], observed.case.n_steps
     assert x_t.shape[0] == n and len(observed.after) == n
     for s in range(n - 1):
-        assert np.array_equal(x_t[s + 1], observed.after[s][0].numpy()), f"x_t at step {s + 1}"
+        if observed.variant in TI2V:  # the loop's frame 0 is never seen: the model gets the image latent there
+            assert np.array_equal(x_t[s + 1][:, 1:], observed.after[s][0].numpy()[:, 1:]), f"x_t at step {s + 1}"
+        else:
+            assert np.array_equal(x_t[s + 1], observed.after[s][0].numpy()), f"x_t at step {s + 1}"
+    if observed.variant.startswith("wan22_ti2v"):  # expand_timesteps: the transformer input is the latent itself
+        for s in range(n):
+            seen = next(h for step, h in observed.inputs if step == s)
+            assert np.array_equal(x_t[s], seen[0].numpy()), f"x_t at step {s} is not what the model saw"
     scheduler = observed.case.pipe.scheduler
     steps = observed.layout["steps"]
     assert [st["step"] for st in steps] == list(range(n))
@@ -155,8 +169,10 @@ def test_x0_hat_agrees_with_the_schedulers_own(observed):
     n = observed.case.n_steps
     if observed.own_x0:  # UniPC keeps its own x̂0 in model_outputs
         assert len(observed.own_x0) == n
+        kept = slice(1, None) if observed.variant in TI2V else slice(None)  # TI2V frame 0: the image latent
         for s in range(n):
-            np.testing.assert_allclose(t["x0_hat"][s], to_cfhw(observed.case, observed.own_x0[s])[0].numpy(),
+            np.testing.assert_allclose(t["x0_hat"][s][:, kept],
+                                       to_cfhw(observed.case, observed.own_x0[s])[0].numpy()[:, kept],
                                        rtol=0, atol=1e-6, err_msg=f"step {s}")
     elif kind.startswith("CogVideoX"):  # DDIM and DPM return pred_original_sample
         fresh = copy.deepcopy(scheduler)
@@ -535,6 +551,9 @@ def test_float16_storage_is_the_float32_capture_rounded(tiny):
     for key, value in t32.items():
         if key == "final":
             assert t16[key].dtype == np.float32
+            continue
+        if key.startswith("skipped/"):  # cache flags are uint8 whatever the storage dtype
+            np.testing.assert_array_equal(t16[key], value)
             continue
         assert t16[key].dtype == np.float16, key
         np.testing.assert_array_equal(t16[key], value.astype(np.float16), err_msg=key)

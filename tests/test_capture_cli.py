@@ -241,6 +241,10 @@ BAD = [
     (["--decode", "--tensor-steps", "0:2", "--decode-steps", "3"], "decode steps \\[3\\] are not among"),
     (["--run-id", "../escape"], "run id '../escape' is not allowed"),
     (["--num-inference-steps", "0"], "num_inference_steps as a positive int"),
+    (["--true-cfg-scale", "4"], "--true-cfg-scale: WanPipeline takes no 'true_cfg_scale' argument"),
+    (["--image", "missing.png"], "--image: WanPipeline takes no 'image' argument"),
+    (["--batch-size", "0"], "--batch-size '0' must be a positive integer or 'auto'"),
+    (["--model", "organism", "--negative-prompt", "blurry"], "--negative-prompt: the organism takes its first"),
 ]
 
 
@@ -311,3 +315,25 @@ def test_argparse_errors_use_the_same_form(capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "cos capture: error: argument --dtype: invalid choice" in err
     assert "Traceback" not in err
+
+
+def test_generation_flags_reach_the_pipeline_and_items_run_in_batches(tmp_path, capsys):
+    """--image without a VBVR folder, --max-sequence-length and --batch-size together; Wan 2.2's --guidance-scale-2."""
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((64, 96, 3), 200, dtype=np.uint8)).save(image)
+    argv = ["capture", "--model", "tiny:wan22_ti2v", "--image", str(image), "--max-sequence-length", "8",
+            "--seeds", "0:3", "--batch-size", "2", "--layers", "0", "--runs-dir", str(tmp_path), "--run-id", "ti2v"]
+    assert main(argv) == 0
+    assert main(["capture", "--model", "tiny:wan22", "--guidance-scale-2", "3", "--layers", "0",
+                 "--runs-dir", str(tmp_path), "--run-id", "wan22"]) == 0
+    capsys.readouterr()
+    assert Archive.open(tmp_path / "wan22").manifest["config"]["call"]["guidance_scale_2"] == 3.0
+    a = Archive.open(tmp_path / "ti2v")
+    call = a.manifest["config"]["call"]
+    assert call["image"]["image"] == [96, 64] and call["max_sequence_length"] == 8
+    assert a.manifest["timing"]["batch_size"] == 2 and a.manifest["conditioning_frames"] == [0]
+    assert a.n_samples == 3 and len({a.read(i, "final")[:, 1:].tobytes() for i in range(3)}) == 3
+    frame0 = {a.read(i, "final")[:, 0].tobytes() for i in range(3)}
+    assert len(frame0) == 1, "every item starts from the same input image latent"

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from cos_core.capture.tiny_pipelines import (HEIGHT, NUM_FRAMES, SCHEDULERS, TINY_FAMILIES, WAN_1_3B_CONFIG, WIDTH,
+from cos_core.capture.tiny_pipelines import (HEIGHT, NUM_FRAMES, SCHEDULERS, TI2V_HEIGHT, TI2V_WIDTH, TINY_FAMILIES,
+                                             WAN_1_3B_CONFIG, WIDTH,
                                              build_tiny, wan_1_3b_transformer)
 
 PIPELINE_CLASS = {"wan_t2v": "WanPipeline", "wan_i2v": "WanImageToVideoPipeline", "wan22": "WanPipeline",
                   "wan22_i2v": "WanImageToVideoPipeline", "cogvideox": "CogVideoXPipeline", "ltx": "LTXPipeline",
-                  "hunyuan": "HunyuanVideoPipeline"}
+                  "hunyuan": "HunyuanVideoPipeline", "wan22_ti2v_t2v": "WanPipeline",
+                  "wan22_ti2v": "WanImageToVideoPipeline"}
 BLOCK_LISTS = {"cogvideox": ("transformer_blocks",), "ltx": ("transformer_blocks",),
                "hunyuan": ("transformer_blocks", "single_transformer_blocks")}  # Wan: ("blocks",)
 BATCHED_CFG = {"cogvideox", "ltx"}  # one doubled batch per step (uncond half first); the rest: cond call, uncond call
@@ -155,7 +157,8 @@ def test_two_experts_switch_at_the_boundary(name, scheduler):
 def test_vae_decodes_the_latents(name):
     case = build_tiny(name, cfg=False)
     video = run(case, output_type="pt", num_inference_steps=2)
-    assert tuple(video.shape) == (1, NUM_FRAMES, 3, HEIGHT, WIDTH)
+    height, width = (TI2V_HEIGHT, TI2V_WIDTH) if name.startswith("wan22_ti2v") else (HEIGHT, WIDTH)
+    assert tuple(video.shape) == (1, NUM_FRAMES, 3, height, width)
     assert torch.isfinite(video).all()
 
 

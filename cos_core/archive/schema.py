@@ -11,7 +11,15 @@ Schema (``SCHEMA_VERSION`` = 1)::
         by the writer:     schema_version* (1), complete* (true), run_id*, n_samples*, shards* [relative paths]
         by capture, the same for every sample (the shard layout):
                            steps* [{step, t, sigma, expert}], n_steps*, x0_rule ("flow" | "v_prediction" |
-                           "epsilon": how x̂0 follows from x_t and v̂), family (wan | cogvideox | ltx | hunyuan),
+                           "epsilon": how x̂0 follows from x_t and v̂), x0_source ("scheduler": x0_hat is the
+                           pred_original_sample the scheduler's step returned and stepped with, clipped or thresholded
+                           when that scheduler does so; "rule": x0_rule applied to x_t and v̂ in float32, then
+                           thresholded / clipped as the scheduler config's `thresholding` / `clip_sample` say; the
+                           raw, unclipped x̂0 is not kept: recompute it from x_t and v_hat by x0_rule),
+                           conditioning_frames [latent frames the pipeline overwrites with its conditioning: [0]
+                           for Wan2.2 TI2V-5B image-to-video (`expand_timesteps`), [] otherwise; there the model is
+                           given t = 0, so x_t = x0_hat = final = the conditioning latent, and v_hat is the model's
+                           output, which the pipeline discards], family (wan | cogvideox | ltx | hunyuan),
                            latent* {channels, frames, height, width}, token_grid* {frames, rows, cols, patch [pt, ph,
                            pw]}, tensors* {name: {steps, dtype, shape}}, sites* {site: {n_layers, layers, steps,
                            branches, dim, dtype, reductions {name: {shape}}, tokens [[layer, step], ...],
@@ -25,15 +33,24 @@ Schema (``SCHEMA_VERSION`` = 1)::
                                   transformer_2_config, boundary_ratio, scheduler_class, scheduler_config, dtype,
                                   device (where the noise was drawn)},
                            timing {capture_s (capture phase wall time, all ranks), world_size, context_parallel
-                                   (ranks per video), captured_here}
+                                   (ranks per video), captured_here, batch_size (items per pipeline call; the
+                                   archive is the same for every batch size), batch_forward ("per_item" | "joint")}
       samples.parquet      one row per sample: sample, sample_id, task, instance, seed, prompt, label_*, answer,
                            score_*, shard
       shards/sample_NNNNNN.safetensors   every tensor of one sample (one work item = instance x seed):
-          x_t, v_hat, x0_hat        (tensor step, C, F, H, W)  latent layout, steps = manifest tensors.<name>.steps
-          final                     (C, F, H, W)              the pipeline's final latent
+          x_t, v_hat, x0_hat        (tensor step, C, F, H, W)  latent layout, steps = manifest tensors.<name>.steps;
+                                    x_t is the latent the model saw (conditioning frames written in), v_hat the
+                                    guided model output the scheduler got, x0_hat what the sampler used (x0_source)
+          final                     (C, F, H, W)              the latent the pipeline returns (after a user
+                                    callback's edits and any conditioning overwrite), float32
           acts/<site>/<reduction>/<branch>   (act step, layer, *reduction shape)
               reductions: frame_mean (frame, d) | pool<k> (frame, k, k, d) | token_norm (frame, row, col)
                           | proj<d'> (frame, row, col, d')
+              proj<d'> is computed in float32 (hidden states and the projection cast up) under any model dtype
+          skipped/<site>/<branch>   (act step, layer) uint8: 1 where the archived activation is not the block's own
+                                    output: a diffusers cache (FirstBlockCache, MagCache, ...) skipped the block, or
+                                    it is the cache's leader block, whose output then carries the skipped blocks'
+                                    cached residual (older runs lack the key: nothing was skipped)
           tokens/<site>/L<layer>/S<step>/<branch>  (frame, row, col, d)  full tokens for chosen (layer, step)
           decoded/x0_hat            (decode step, F, H, W, 3) uint8;  decoded/final (F, H, W, 3) uint8
         safetensors metadata: cos_schema_version, row (JSON sample row), layout (JSON: capture's manifest keys)
@@ -83,6 +100,10 @@ def shard_name(sample: int) -> str:
 
 def act_key(site: str, reduction: str, branch: str) -> str:
     return f"acts/{site}/{reduction}/{branch}"
+
+
+def skip_key(site: str, branch: str) -> str:
+    return f"skipped/{site}/{branch}"
 
 
 def token_key(site: str, layer: int, step: int, branch: str) -> str:
@@ -139,6 +160,8 @@ class Manifest:
     tensors: dict[str, dict[str, Any]] = _key(CAPTURE)
     sites: dict[str, dict[str, Any]] = _key(CAPTURE)
     x0_rule: str = _key(CAPTURE, UNSET)
+    x0_source: str = _key(CAPTURE, UNSET)
+    conditioning_frames: list[int] = _key(CAPTURE, UNSET)
     family: str = _key(CAPTURE, UNSET)
     decoded: dict[str, Any] | None = _key(CAPTURE, UNSET)
     created: str = _key(RUN, UNSET)

@@ -1,8 +1,10 @@
-"""Architecture adapters: one small table entry per diffusers video family, no class hierarchy.
+"""Architecture adapters: one small table entry per diffusers video family, no class hierarchy of ours.
 
 Owns what differs between Wan 2.1/2.2 (and our Wan-class organism), CogVideoX, LTX and HunyuanVideo: where the
 blocks are, the latent layout, the token grid after patchify, how the CFG branches are laid out, how x̂0 follows
-from the scheduler, and how latents decode through the VAE. Imports torch lazily; used only by capture.
+from the scheduler (or is read from it), which latent frames a pipeline overwrites with its conditioning, and how
+latents decode through the VAE. A pipeline or transformer is matched by its class hierarchy (subclasses and
+`torch.compile`d transformers are accepted). Imports torch lazily; used only by capture.
 """
 
 from __future__ import annotations
@@ -39,17 +41,28 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def unwrap(module: Any) -> Any:
+    """The module itself, or the model inside a `torch.compile` wrapper (`OptimizedModule._orig_mod`)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def _lineage(obj: Any) -> list[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
 def family_of(pipe: Any) -> Family:
-    """The adapter for a pipeline, checked against the supported pipeline and transformer classes."""
+    """The adapter for a pipeline: its class or a base class must be a supported pipeline, and its transformer's
+    class (or a base class; a `torch.compile`d one is looked through) a supported transformer."""
     name = type(pipe).__name__
-    if name not in SUPPORTED_PIPELINES:
-        raise ValueError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    transformer = getattr(pipe, "transformer", None)
-    cls = type(transformer).__name__
+    if not set(_lineage(pipe)) & set(SUPPORTED_PIPELINES):
+        raise ValueError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)} "
+                         "(or a subclass of one)")
+    transformer = unwrap(getattr(pipe, "transformer", None))
+    lineage = _lineage(transformer)
     for family in FAMILIES.values():
-        if family.transformer_class == cls:
+        if family.transformer_class in lineage:
             return family
-    raise ValueError(f"{name} has a transformer of class {cls!r}; supported: "
+    raise ValueError(f"{name} has a transformer of class {type(transformer).__name__!r}; supported (or subclasses): "
                      f"{', '.join(f.transformer_class for f in FAMILIES.values())}")
 
 
@@ -112,16 +125,66 @@ def sigma_of(scheduler: Any, rule: str, step: int, t: Any) -> float:
 
 
 def x0_hat(scheduler: Any, rule: str, step: int, t: Any, sample: Any, model_output: Any) -> Any:
-    """x̂0 from x_t and the guided model output, in float32 (as the schedulers compute their own steps)."""
+    """x̂0 from x_t and the guided model output by the family's rule, in float32 (as the schedulers compute their own
+    steps), then thresholded or clipped as the scheduler's config says (`thresholding`, `clip_sample`)."""
     import torch
 
     x, out = sample.to(torch.float32), model_output.to(torch.float32)
     if rule == "flow":
-        return x - float(scheduler.sigmas[step]) * out
-    a = scheduler.alphas_cumprod[int(t)].to(torch.float32)
-    if rule == "v_prediction":
-        return a.sqrt() * x - (1 - a).sqrt() * out
-    return (x - (1 - a).sqrt() * out) / a.sqrt()
+        x0 = x - float(scheduler.sigmas[step]) * out
+    else:
+        a = scheduler.alphas_cumprod[int(t)].to(device=x.device, dtype=torch.float32)
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out if rule == "v_prediction" else (x - (1 - a).sqrt() * out) / a.sqrt()
+    config = scheduler.config
+    if getattr(config, "thresholding", False) and hasattr(scheduler, "_threshold_sample"):
+        return scheduler._threshold_sample(x0)
+    if getattr(config, "clip_sample", False):
+        bound = float(getattr(config, "clip_sample_range", 1.0))
+        return x0.clamp(-bound, bound)
+    return x0
+
+
+def own_x0(result: Any, sample: Any) -> Any:
+    """The x̂0 a scheduler's `step` returned with its next latent (DDIM, DDPM, CogVideoX DDIM/DPM, Euler: the
+    `pred_original_sample` it stepped with, clipped or thresholded when it does so), or None when it returns none
+    (flow-matching Euler, UniPC, DPM-Solver). With `return_dict=False` diffusers returns (prev_sample,
+    pred_original_sample) in that order."""
+    import torch
+
+    own = getattr(result, "pred_original_sample", None)
+    if own is None and isinstance(result, tuple) and len(result) >= 2:
+        own = result[1]
+    if isinstance(own, torch.Tensor) and own.shape == sample.shape:
+        return own.to(torch.float32)
+    return None
+
+
+def conditioning_of(pipe: Any, prepared: Any) -> tuple[Any, Any] | None:
+    """(condition, mask) when the pipeline overwrites latent frames with its conditioning: Wan2.2 TI2V-5B image-to-video
+    (`expand_timesteps`) returns them from `prepare_latents` and feeds the model `(1 - mask) * condition + mask *
+    latents`, and returns that blend as its output. None for every other pipeline (channel-concatenated conditions,
+    as in Wan 2.1 I2V or the organism, leave the latent frames alone)."""
+    if getattr(getattr(pipe, "config", None), "expand_timesteps", False) and isinstance(prepared, tuple) \
+            and len(prepared) == 3:
+        return prepared[1], prepared[2]
+    return None
+
+
+def blend(conditioning: tuple[Any, Any] | None, latents: Any) -> Any:
+    """The latent the model sees (and the pipeline returns): `latents` with the conditioning frames written in, by the
+    pipeline's own expression, so the values are the same bits."""
+    if conditioning is None:
+        return latents
+    condition, mask = conditioning
+    return (1 - mask) * condition + mask * latents
+
+
+def conditioning_frames(conditioning: tuple[Any, Any] | None) -> list[int]:
+    """Latent frames that hold the conditioning (mask 0 everywhere in the frame): [0] for TI2V image-to-video."""
+    if conditioning is None:
+        return []
+    mask = conditioning[1]  # (1, 1, F, H, W): 0 where the condition is written
+    return [f for f in range(mask.shape[2]) if not bool(mask[:, :, f].any())]
 
 
 def decoder(family: Family, pipe: Any) -> Callable[[Any], Any]:

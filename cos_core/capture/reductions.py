@@ -2,7 +2,9 @@
 
 Owns the reduction names (also archive keys and CLI choices) and their shapes: frame_mean, pool<k>, token_norm,
 proj<d'> (fixed-seed random projection). A Wan-1.3B block output at 480x832x81 is 100 MB, so only these small
-summaries leave the GPU by default. Imports torch; nothing from diffusers.
+summaries leave the GPU by default. Every reduction is computed in float32 whatever the model's dtype (proj<d'> casts
+the hidden states and the projection up: a bfloat16 matmul would be off by ~0.4 %). Imports torch; nothing from
+diffusers.
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ class Reducer:
         self.proj_seed = proj_seed
         self._proj: dict[tuple, torch.Tensor] = {}
 
-    def projection(self, dim: int, out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The (dim, out) Gaussian matrix / sqrt(out), identical on every device for a seed (made on the CPU)."""
-        key = (dim, out, device, dtype)
+    def projection(self, dim: int, out: int, device: torch.device) -> torch.Tensor:
+        """The float32 (dim, out) Gaussian matrix / sqrt(out), identical on every device for a seed (made on the
+        CPU)."""
+        key = (dim, out, device)
         if key not in self._proj:
             gen = torch.Generator(device="cpu").manual_seed(self.proj_seed)
             mat = torch.randn(dim, out, generator=gen, dtype=torch.float32) / out ** 0.5
-            self._proj[key] = mat.to(device=device, dtype=dtype)
+            self._proj[key] = mat.to(device=device)
         return self._proj[key]
 
     def __call__(self, hidden: torch.Tensor, grid: tuple[int, int, int]) -> dict[str, torch.Tensor]:
@@ -78,6 +81,6 @@ class Reducer:
                 pooled = F.adaptive_avg_pool2d(grid2d.float(), k)  # (B*frame, d, k, k)
                 out[name] = pooled.view(b, f, d, k, k).permute(0, 1, 3, 4, 2)  # (B, frame, k, k, d)
             else:
-                mat = self.projection(d, int(name[4:]), hidden.device, hidden.dtype)
-                out[name] = (x @ mat).float()  # (B, frame, row, col, d')
+                mat = self.projection(d, int(name[4:]), hidden.device)
+                out[name] = x.float() @ mat  # (B, frame, row, col, d')
         return out

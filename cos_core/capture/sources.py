@@ -44,15 +44,53 @@ class SourceConfig:
     cpu_offload: bool = False
     device_map: str | None = None
     members: int | None = None
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
+    guidance_scale_2: float | None = None
+    image: Path | None = None  # one input image for every item of an image-to-video pipeline (no VBVR folder)
 
     def __post_init__(self) -> None:
         if self.members is not None and self.members < 1:
             raise ValueError(f"members={self.members} must be >= 1 (videos per pipeline call)")
+        if self.image is not None and self.vbvr is not None:
+            raise ValueError("--image and --vbvr both give input images: choose one")
 
     def overrides(self) -> dict[str, Any]:
         """The generation settings given, as pipeline call kwargs."""
-        keys = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in OVERRIDES if getattr(self, k) is not None}
+
+
+# SourceConfig fields passed to the pipeline call as they are (when given), with the flag that sets each
+OVERRIDES = {"num_inference_steps": "--num-inference-steps", "guidance_scale": "--guidance-scale",
+             "height": "--height", "width": "--width", "num_frames": "--num-frames",
+             "negative_prompt": "--negative-prompt", "max_sequence_length": "--max-sequence-length",
+             "true_cfg_scale": "--true-cfg-scale", "guidance_scale_2": "--guidance-scale-2"}
+
+
+def check_call(pipe: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """`call` unchanged when the pipeline's `__call__` takes every key; else a ValueError naming the flag."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return call
+    for key in call:
+        if key not in params:
+            flag = OVERRIDES.get(key, "--image" if key == "image" else key)
+            raise ValueError(f"{flag}: {type(pipe).__name__} takes no {key!r} argument; drop the flag")
+    return call
+
+
+def load_image(path: Path) -> Any:
+    """The RGB image at `path` (PIL), with a clear error when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"--image {str(path)!r} cannot be read as an image: {err}") from None
 
 
 @dataclass
@@ -72,6 +110,11 @@ def load_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds:
     if not seeds:
         raise ValueError("--seeds selects no seed")
     if config.model == "organism":
+        extra = [OVERRIDES[k] for k in ("negative_prompt", "max_sequence_length", "true_cfg_scale", "guidance_scale_2")
+                 if getattr(config, k) is not None] + (["--image"] if config.image is not None else [])
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: the organism takes its first frame and prompt from the task; "
+                             "these flags are for diffusers models (--model)")
         return organism_source(config, device=device, dtype=dtype, seeds=seeds)
     if config.members is not None:
         raise ValueError("--ensemble runs the organism (its flow-matching scheduler and scored tasks); drop --model")
@@ -102,7 +145,7 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
         inst = task.instance(TEST_SEEDS[k])
         frame = torch.from_numpy(inst.first_frame).to(device=device, dtype=dtype)
         for seed in seeds:
-            kwargs = {"first_frame": frame}
+            kwargs = {"first_frame": frame[None]}  # (1, 3, H, W): items of a batched call concatenate
             if members is not None:  # member m starts from seed + m's noise (member 0: the plain run of this seed)
                 kwargs = {"first_frame": frame.expand(members, -1, -1, -1),
                           "latents": pipe.seed_noise(range(seed, seed + members))}
@@ -149,8 +192,10 @@ def tiny_source(config: SourceConfig, *, device: str, dtype: torch.dtype, seeds:
     call = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.call_kwargs.items()
             if k != "output_type"}
     call.update(config.overrides())
+    if config.image is not None:
+        call["image"] = load_image(check_call(case.pipe, {"image": config.image})["image"])
     items = [WorkItem(sample_id=f"seed{s}", seed=s, task="", instance="0") for s in seeds]
-    return Source(case.pipe, call, items, label=f"tiny:{name}", default_run_id=f"tiny-{name}")
+    return Source(case.pipe, check_call(case.pipe, call), items, label=f"tiny:{name}", default_run_id=f"tiny-{name}")
 
 
 RANDOM_MODELS = ("wan2.1-1.3b",)
@@ -193,6 +238,9 @@ def pretrained_source(config: SourceConfig, *, device: str, dtype: torch.dtype, 
     elif not config.device_map:
         pipe.to(device)
     call = {"num_inference_steps": 50, **config.overrides()}
+    if config.image is not None:
+        call["image"] = load_image(check_call(pipe, {"image": config.image})["image"])
+    check_call(pipe, call)
     items: list[WorkItem] = []
     if config.vbvr is not None:
         from .vbvr import load_vbvr

@@ -23,6 +23,7 @@ from diffusers import (
     CogVideoXDPMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    DDIMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     HunyuanVideoPipeline,
@@ -210,6 +211,54 @@ def _build_wan22_i2v(*, cfg: bool, dtype: torch.dtype, seed: int, scheduler: str
     return _wan_case("wan22_i2v", pipe, kwargs, cfg, dtype)
 
 
+# Wan2.2 TI2V-5B: a 48-channel VAE that also patchifies 2x2 (16x spatial in all), one transformer, `expand_timesteps`
+# (per-token timesteps; image-to-video writes the image latent into latent frame 0 for the model and the output).
+TI2V_HEIGHT, TI2V_WIDTH = 64, 96  # latent (3, 4, 6) -> token grid (3, 2, 3)
+
+
+def _wan_5b_vae(seed: int) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1],
+                            num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4,
+                            temperal_downsample=[False, True, True])
+
+
+def _wan_5b_transformer(seed: int) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def _wan_5b_case(family: str, pipe, kwargs: dict, cfg: bool, dtype: torch.dtype) -> TinyCase:
+    grid = ((NUM_FRAMES - 1) // 4 + 1, TI2V_HEIGHT // 16, TI2V_WIDTH // 16)
+    kwargs.update(height=TI2V_HEIGHT, width=TI2V_WIDTH)
+    return TinyCase(family=family, pipe=_finish(pipe, dtype), call_kwargs=kwargs, latent_shape=(1, 48, *grid),
+                    latent_layout="BCFHW", latent_grid=grid, patch_size=(1, 2, 2),
+                    cfg_kwarg="guidance_scale" if cfg else None)
+
+
+def _build_wan22_ti2v_t2v(*, cfg: bool, dtype: torch.dtype, seed: int, scheduler: str) -> TinyCase:
+    """Wan2.2 TI2V-5B text-to-video: `WanPipeline` with `expand_timesteps=True` (diffusers' Wan 2.2 5B tests)."""
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=_wan_5b_vae(seed), scheduler=_wan_scheduler(scheduler),
+                       transformer=_wan_5b_transformer(seed + 1), expand_timesteps=True)
+    return _wan_5b_case("wan22_ti2v_t2v", pipe, _wan_text_kwargs(seed, cfg, dtype, n_steps=4), cfg, dtype)
+
+
+def _build_wan22_ti2v(*, cfg: bool, dtype: torch.dtype, seed: int, scheduler: str) -> TinyCase:
+    """Wan2.2 TI2V-5B image-to-video: `WanImageToVideoPipeline` with `expand_timesteps=True`, no image encoder; the
+    pipeline feeds the model latent frame 0 = the image latent and returns it there."""
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=_wan_5b_vae(seed),
+                                   scheduler=_wan_scheduler(scheduler), transformer=_wan_5b_transformer(seed + 1),
+                                   expand_timesteps=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(TI2V_HEIGHT, TI2V_WIDTH, 3), dtype=np.uint8)
+    kwargs = dict(image=Image.fromarray(pixels), **_wan_text_kwargs(seed, cfg, dtype, n_steps=4))
+    return _wan_5b_case("wan22_ti2v", pipe, kwargs, cfg, dtype)
+
+
 def _build_cogvideox(*, cfg: bool, dtype: torch.dtype, seed: int, scheduler: str) -> TinyCase:
     """CogVideoX-2b layout: latents (B, F, C, H, W), v-prediction DDIM (or DPM) with zero-terminal-SNR betas."""
     grid = ((NUM_FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
@@ -226,10 +275,14 @@ def _build_cogvideox(*, cfg: bool, dtype: torch.dtype, seed: int, scheduler: str
         layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
     )
     # THUDM/CogVideoX-2b scheduler_config.json (the 5b differs only in snr_shift_scale=1.0)
-    scheduler_cls = CogVideoXDPMScheduler if scheduler == "dpm" else CogVideoXDDIMScheduler
-    sched = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
-                          rescale_betas_zero_snr=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=True,
+                  steps_offset=0, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing")
+    if scheduler == "ddim_clip":  # diffusers' plain DDIM with clip_sample: it steps with the clipped x̂0
+        sched = DDIMScheduler(clip_sample=True, clip_sample_range=1.0, **common)
+    else:
+        scheduler_cls = CogVideoXDPMScheduler if scheduler == "dpm" else CogVideoXDDIMScheduler
+        sched = scheduler_cls(clip_sample=False, snr_shift_scale=3.0, **common)
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=sched)
     kwargs = dict(prompt_embeds=_embeds(seed + 100, 1, TEXT_LEN, 32, dtype=dtype), guidance_scale=6.0 if cfg else 1.0,
                   height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES, num_inference_steps=4, output_type="latent")
@@ -312,6 +365,8 @@ _BUILDERS: dict[str, Callable[..., TinyCase]] = {
     "wan_i2v": _build_wan_i2v,
     "wan22": _build_wan22,
     "wan22_i2v": _build_wan22_i2v,
+    "wan22_ti2v_t2v": _build_wan22_ti2v_t2v,
+    "wan22_ti2v": _build_wan22_ti2v,
     "cogvideox": _build_cogvideox,
     "ltx": _build_ltx,
     "hunyuan": _build_hunyuan,
@@ -323,7 +378,9 @@ SCHEDULERS: dict[str, tuple[str, ...]] = {
     "wan_i2v": ("unipc", "euler"),
     "wan22": ("unipc", "euler"),
     "wan22_i2v": ("unipc", "euler"),
-    "cogvideox": ("ddim", "dpm"),
+    "wan22_ti2v_t2v": ("unipc", "euler"),
+    "wan22_ti2v": ("unipc", "euler"),
+    "cogvideox": ("ddim", "dpm", "ddim_clip"),
     "ltx": ("euler",),
     "hunyuan": ("euler",),
 }

@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "pipeline: wan_t2v, wan_i2v, wan22, cogvideox, ltx, hunyuan), 'random:wan2.1-1.3b' "
                           "(Wan2.1-1.3B architecture, random weights, 480x832x33: for benchmarks), or a local "
                           "diffusers folder / hub id loaded with DiffusionPipeline.from_pretrained")
-    src.add_argument("--task", default="maze", help="organism task (maze, memory, choice, fork); ignored for other models")
+    src.add_argument("--task", default="maze", help="organism task, one it was trained on (trained_tasks in "
+                     "models/organism/model_index.json: maze, arrows, fork, recall, dispatch); ignored for other "
+                     "models")
     src.add_argument("--instances", type=int, default=4, help="number of task instances (test seeds), default 4")
     src.add_argument("--first-instance", type=int, default=0, help="offset into the task's held-out seeds")
     src.add_argument("--seeds", default="0", help="noise seeds per instance: comma list and/or ranges "
@@ -37,9 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "merged during the first K steps by METHOD (mean_x_t, mean_v_hat, mean_x0_hat), and "
                           "capture member 0, e.g. mean_x0_hat:4:4. Compare it with the plain run of the same seeds")
     src.add_argument("--prompt", action="append", help="text prompt (repeatable) for models with a text encoder")
+    src.add_argument("--negative-prompt", help="negative prompt for CFG (diffusers models with a text encoder)")
+    src.add_argument("--image", type=Path, help="input image for every item of an image-to-video model (e.g. "
+                     "Wan I2V, Wan2.2 TI2V-5B), without a VBVR folder")
     gen = p.add_argument_group("generation")
     gen.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the model's)")
     gen.add_argument("--guidance-scale", type=float, help="CFG scale (default: the model's)")
+    gen.add_argument("--guidance-scale-2", type=float, help="CFG scale of Wan 2.2's low-noise expert "
+                     "(transformer_2; default: --guidance-scale)")
+    gen.add_argument("--true-cfg-scale", type=float, help="HunyuanVideo's real CFG scale (a second, negative-prompt "
+                     "call; --guidance-scale there is the distilled guidance embedding)")
+    gen.add_argument("--max-sequence-length", type=int, help="text tokens the prompt is padded/cut to (Wan: 512)")
+    gen.add_argument("--batch-size", default="auto", help="work items per pipeline call, each with its own seed and "
+                     "shard: an integer, or 'auto' (default: 1 on a CPU; on a GPU one item is measured and batches "
+                     "fill 60%% of the free memory). A pipeline that cannot batch runs one item per call and says why")
+    gen.add_argument("--batch-forward", default="auto", choices=["auto", "per_item", "joint"],
+                     help="inside a batched call: per_item runs each item's transformer rows on their own (archive "
+                          "bit-identical to --batch-size 1), joint one forward for all (fastest; items agree to the "
+                          "kernels' rounding); auto: per_item on a CPU, joint on a GPU")
     gen.add_argument("--height", type=int, help="video height in pixels (hub models)")
     gen.add_argument("--width", type=int, help="video width in pixels (hub models)")
     gen.add_argument("--num-frames", type=int, help="video frames (hub models)")
@@ -99,7 +116,21 @@ def _source_config(args: argparse.Namespace, members: int | None):
                         prompts=tuple(args.prompt or ()), vbvr=args.vbvr, num_inference_steps=args.num_inference_steps,
                         guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                         num_frames=args.num_frames, cpu_offload=args.cpu_offload, device_map=args.device_map,
-                        members=members)
+                        members=members, negative_prompt=args.negative_prompt,
+                        max_sequence_length=args.max_sequence_length, true_cfg_scale=args.true_cfg_scale,
+                        guidance_scale_2=args.guidance_scale_2, image=args.image)
+
+
+def _batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--batch-size {text!r} must be a positive integer or 'auto'")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     # one process, or this rank of a torchrun / accelerate launch job
     ranks = from_env(cp.size, cuda=cuda)
     spec = _spec(args)
+    batch_size = _batch_size(args.batch_size)
     merge = MergeSpec.parse(args.ensemble) if args.ensemble is not None else None
     config = _source_config(args, members=merge.n if merge is not None else None)
     source = load_source(config, device=device, dtype=getattr(torch, args.dtype), seeds=seeds(args.seeds))
@@ -152,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
                            call_kwargs=source.call_kwargs, source=source.label, decode=args.decode,
                            decode_steps=args.decode_steps, score=source.score,
                            command=command(args, "capture"),
-                           extra=source.extra, ranks=ranks, members=source.members,
+                           extra=source.extra, ranks=ranks, members=source.members, batch_size=batch_size,
+                           batch_forward=args.batch_forward,
                            progress=lambda it: tqdm(it, desc=f"rank {ranks.rank} samples" if ranks.world > 1
                                                     else "samples", unit="sample", position=ranks.rank,
                                                     disable=not ranks.writes))
