@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive import Archive, ArchiveError, list_runs, publish_derived
 from cos_core.archive.manifest import read_manifest
 from cos_core.archive.schema import MANIFEST, PARTIAL_MANIFEST, SAMPLES, act_key, shard_name, token_key
 from cos_core.archive.writer import RunWriter
@@ -68,8 +68,14 @@ def rewrite_shard(run: Path, sample: int, change) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def raw_shard(path: Path, header: dict, body: bytes) -> None:
-    """A safetensors file from a hand-written header (8-byte little-endian length, JSON, data)."""
+def raw_shard(path: Path, header: dict, body: bytes, like: Path | None = None) -> None:
+    """A safetensors file from a hand-written header (8-byte little-endian length, JSON, data); `like`: a shard
+    whose metadata (sample, row, ...) it carries."""
+    if like is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(like), framework="np") as f:
+            header = {**header, "__metadata__": f.metadata()}
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + body)
 
@@ -82,9 +88,9 @@ def refused(call, message: str) -> str:
 
 # ---- manifest --------------------------------------------------------------------------------------------------
 def test_an_over_size_manifest_is_refused_before_it_is_read(run):
-    with open(run / MANIFEST, "r+b") as f:  # sparse: 65 MiB on paper, no time to write
-        f.truncate(65 * 2**20)
-    refused(lambda: Archive.open(run), "is 68157440 bytes, over the 67108864-byte limit")
+    with open(run / MANIFEST, "r+b") as f:  # sparse: 9 MiB on paper, no time to write
+        f.truncate(9 * 2**20)
+    refused(lambda: Archive.open(run), "is 9437184 bytes, over the 8388608-byte limit")
 
 
 def test_a_deeply_nested_manifest_is_invalid_json_not_a_recursion_error(run):
@@ -147,8 +153,8 @@ def test_a_run_of_0_steps_is_refused(run):
     (lambda m: m["sites"][SITE]["reductions"].update(frame_mean=[3, 24]), "sites.block_out must give"),
     (lambda m: m["sites"][SITE].update(tokens=[[1]]), "sites.block_out must give"),
     (lambda m: m["tensors"]["x0_hat"].update(steps=[0, 4]), "tensors.x0_hat must give steps \\(0..3\\)"),
-    (lambda m: m["latent"].update(channels=0), "'latent' must give positive integers"),
-    (lambda m: m.update(token_grid="3x2x4"), "'token_grid' must give positive integers"),
+    (lambda m: m["latent"].update(channels=0), "'latent' must give integers channels \\(1..4096\\)"),
+    (lambda m: m.update(token_grid="3x2x4"), "'token_grid' must give integers frames"),
     (lambda m: m.update(decoded={"steps": "all"}), "'decoded' must be null or"),
     (lambda m: m.update(run_id=7), "run_id must be a string"),
     (lambda m: m.update(n_samples=True, shards=["shards/sample_000000.safetensors"]), "n_samples is True"),
@@ -191,8 +197,11 @@ def test_a_bfloat16_tensor_where_float32_is_promised_is_refused(run):
                                                           "promises float32 \\[16, 3, 4, 8\\]")
 
 
-def test_a_float8_tensor_under_an_unknown_key_is_an_archive_error(run):
-    raw_shard(run / shard_name(0), {"extra": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0")
+def test_a_float8_tensor_under_an_unknown_key_is_an_archive_error(run, tmp_path):
+    shutil.copy(run / shard_name(0), tmp_path / "own.safetensors")
+    raw_shard(run / shard_name(0), {"extra": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0",
+              like=tmp_path / "own.safetensors")
+    edit_manifest(run, lambda m: m.pop("checksums"))  # as an archive from before checksums
     refused(lambda: Archive.open(run).read(0, "extra"), "tensor 'extra' cannot be read as numpy")
 
 
@@ -241,10 +250,10 @@ def test_a_shard_header_length_far_beyond_the_file_is_damaged(run):
     refused(lambda: Archive.open(run).keys(0), "damaged or not a safetensors file: .*header too large")
 
 
-def test_a_shard_that_is_a_folder_is_missing(run):
+def test_a_shard_that_is_a_folder_is_refused_unopened(run):
     (run / shard_name(0)).unlink()
     (run / shard_name(0)).mkdir()
-    refused(lambda: Archive.open(run).read(0, "final"), "shard for sample 0 is missing")
+    refused(lambda: Archive.open(run).read(0, "final"), "sample_000000.safetensors is a folder, not a regular file")
 
 
 # ---- runs directory, derived tables, annotations ----------------------------------------------------------------
@@ -277,8 +286,9 @@ def test_derived_tables_and_annotations_linked_out_of_the_run_are_refused(run, t
     elsewhere.mkdir()
     pd.DataFrame({"x": [1]}).to_parquet(elsewhere / "probe_grid.parquet")
     (run / "derived").symlink_to(elsewhere)
-    refused(lambda: a.derived("probe_grid"), "derived/probe_grid.parquet resolves outside the run directory")
-    refused(lambda: a.write_derived("probe_grid", pd.DataFrame({"x": [2]})), "derived/ resolves outside")
+    refused(lambda: a.derived("probe_grid"), "derived/ resolves outside the run directory")
+    refused(lambda: publish_derived(a, {"probe_grid": pd.DataFrame({"x": [2]})}, producer="test"),
+            "derived/ resolves outside")
     assert pd.read_parquet(elsewhere / "probe_grid.parquet")["x"].tolist() == [1], "wrote through the link"
     (tmp_path / "labels.json").write_text("[]")
     (run / "annotations.json").symlink_to(tmp_path / "labels.json")
@@ -503,7 +513,7 @@ def _deep(run: Path) -> None:
 
 def _oversize(run: Path) -> None:
     with open(run / MANIFEST, "r+b") as f:
-        f.truncate(65 * 2**20)
+        f.truncate(9 * 2**20)
 
 
 def _escaping_manifest(run: Path) -> None:
@@ -520,7 +530,7 @@ BROKEN = {  # run name: (damage to a copy of the base run, what its error card m
     "wrong-types": (lambda r: edit_manifest(r, lambda m: m.update(sites=[])), "'sites' must be an object"),
     "not-json": (lambda r: (r / MANIFEST).write_text("{"), "is not valid JSON"),
     "deep-json": (_deep, "nested too deeply"),
-    "oversize": (_oversize, "over the 67108864-byte limit"),
+    "oversize": (_oversize, "over the 8388608-byte limit"),
     "escaping-manifest": (_escaping_manifest, "manifest.json resolves outside the run directory"),
     "bad-shard-path": (lambda r: edit_manifest(r, lambda m: m["shards"].__setitem__(0, "../x.safetensors")),
                        "shard entry '../x.safetensors' is not allowed"),
@@ -558,7 +568,7 @@ def app(dashboard_runs, monkeypatch):
 def test_the_overview_shows_every_broken_run_as_an_error_card_and_lists_the_good_ones(app):
     at = app.switch_page("views/overview.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    cards = {name: [e.value for e in at.error if f"**{name}**" in e.value]
+    cards = {name: [e.value for e in at.error if f"**`{name}`**" in e.value]
              for name in (*BROKEN, "linked-outside", "unfinished.partial")}
     for name, (_, message) in BROKEN.items():
         assert len(cards[name]) == 1 and message in cards[name][0], (name, cards[name])
