@@ -133,7 +133,7 @@ def roots() -> list[Path]:
 
 def _stamp(root: Path) -> tuple:
     try:
-        return tuple(sorted((c.name, manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
+        return tuple(sorted((printable(c.name), manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
     except OSError:  # no such folder, or one we may not list (list_runs says so)
         return ()
 

@@ -1,7 +1,6 @@
-"""The run archive: the schema (`schema`), the lazy reader (`reader`), its manifest checks (`manifest`), tables
-(`tables`), shard identity and checksums (`shards`), the atomic, resumable writer (`writer`), the derived-table set
-(`derived`), labels (`labels`), safe file access (`files`) and runs directories (`runs`).
-`from cos_core.archive import Archive, ArchiveError, publish_derived`.
+"""The run archive: the schema (`schema`), the lazy reader (`reader`) and its checks (`manifest`, `tables`, `shards`),
+safe file access (`files`), the atomic, resumable writer (`writer`), the derived-table set (`derived`), labels
+(`labels`) and runs directories (`runs`). `from cos_core.archive import Archive, ArchiveError, publish_derived`.
 
 Imports numpy, pandas and safetensors only: never torch, diffusers or streamlit, and nothing from cos_core outside
 this package, so every other layer can read and write archives.

@@ -1,9 +1,8 @@
-"""A run's derived tables as one set: `publish_derived` (the one way any producer writes ``derived/``) and the reads
-of it (`derived_names`, `read_derived`). The layout and the publish protocol are in `schema`'s docstring.
-
-Owns the derived manifest, the swap of a whole ``derived/`` folder under the run's lock, the clean-up of temporary
-sets whose publisher died, and the reader's checks of a table against the set it belongs to. Imports pandas/pyarrow
-and `schema`, `files`, `tables` only: never the reader (it calls this), capture, analysis or torch.
+"""A run's derived tables as one set: `publish_derived` (the one way any producer writes ``derived/``; protocol in
+`schema`'s docstring) and its reads (`derived_names`, `read_derived`). Owns the derived manifest, the swap of a whole
+folder under the run's lock, removing temporary sets of dead publishers, and checking a table against its set.
+Imports pandas/pyarrow, `schema`, `files`, `tables` (and `writer`'s test-only crash hook): never the reader (it
+calls this), capture, analysis or torch.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from .files import (atomic_write, exchange, fsync_dir, fsync_file, is_temp, lock
                     remove_stale, temp_path, FILE_MODE)
 from .schema import DERIVED, DERIVED_DIR, DERIVED_MANIFEST, ArchiveError, check_name, inside
 from .tables import DigestMismatch, read_parquet
+from . import writer
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -227,8 +227,10 @@ def publish_derived(run: Any, tables: Mapping[str, pd.DataFrame], *, producer: s
             atomic_write(tmp / DERIVED_MANIFEST,
                          lambda t: Path(t).write_text(json.dumps(body, indent=1, default=str), encoding="utf-8"))
             fsync_dir(tmp)
+            if writer._FAULT: writer._fault("derived.written")
             _swap(tmp, folder)
             fsync_dir(run_dir)
+            if writer._FAULT: writer._fault("derived.swapped")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # after the swap: the old set
     return folder

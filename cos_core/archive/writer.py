@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "COS_FAULT_POINT"
 FAULT_POINTS = ("create", "shard.tmp", "shard.done", "samples.tmp", "samples.done", "manifest.tmp", "manifest.done",
                 "publish.before_rename", "publish.done")
+DERIVED_POINTS = ("derived.written", "derived.swapped")  # in `derived.publish_derived`: new set complete / swapped in
 _FAULT = os.environ.get(FAULT_ENV) or None  # "<point>[@<n>]"; a harness may also set it on this module
 _ARRIVALS: dict[str, int] = {}
 _SHARD_FILE = re.compile(r"^sample_(\d{6})\.safetensors$")
