@@ -8,6 +8,7 @@ leave torn JSON, and CSV exports whose cells a spreadsheet cannot run as formula
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ def labels_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def csv_text(table: pd.DataFrame) -> str:
     """`table` as CSV in which no text cell starts like a formula (=, +, -, @, tab, carriage return): such cells get
-    a leading apostrophe (OWASP's advice), so a spreadsheet shows them instead of running them. Numbers stay numbers."""
+    a leading apostrophe (OWASP's advice), so a spreadsheet shows them instead of running them. Every text cell is
+    quoted (a carriage return inside one cannot start a row); numbers stay numbers."""
     def neutral(value: Any) -> Any:
         return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
 
@@ -101,4 +103,4 @@ def csv_text(table: pd.DataFrame) -> str:
         if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
             safe[column] = safe[column].map(neutral)
     safe.columns = [neutral(str(c)) for c in safe.columns]
-    return safe.to_csv(index=False)
+    return safe.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
