@@ -83,36 +83,43 @@ def derived_names(run_dir: Path) -> list[str]:
 
 
 def read_derived(run_dir: Path, name: str) -> pd.DataFrame:
-    """One table of the current set, its columns checked when a page plots it (`DERIVED`). A table whose bytes do
-    not match the set's manifest (a publish swapped the set meanwhile) is read again from the new set."""
-    check_name(name, "derived table")
-    spec = DERIVED.get(name)
-    kinds, required = (spec.kinds, spec.required) if spec else ({}, ())
-    what = f"{DERIVED_DIR}/{name}.parquet"
-    for _ in range(3):
+    """One table of the current set, its columns checked when a page plots it (`DERIVED`)."""
+    return read_derived_set(run_dir, [name])[name]
+
+
+def read_derived_set(run_dir: Path, names: list[str]) -> dict[str, pd.DataFrame]:
+    """Tables of ONE set: each is checked against the checksum the set's manifest records, and when a publish swaps
+    the set while they are read, all are read again from the new one (never a mix of two sets)."""
+    for name in names:
+        check_name(name, "derived table")
+    for _ in range(5):
         body = read_set(run_dir)
-        path = Path(run_dir) / DERIVED_DIR / f"{name}.parquet"
-        if body is None:
-            if not os.path.lexists(path):
-                raise MissingTable(f"{Path(run_dir).name} has no derived table {name!r} (run `cos analyze`); has: "
-                                   f"{derived_names(run_dir)}")
-            return read_parquet(run_dir, path, what, kinds, required)
-        entry = body["tables"].get(name)
-        if entry is None:
-            raise MissingTable(f"{Path(run_dir).name} has no derived table {name!r} (run `cos analyze`); has: "
-                               f"{sorted(body['tables'])}")
         try:
-            return read_parquet(run_dir, path, what, kinds, required, digest=entry["sha256"])
+            return {name: _read_one(run_dir, name, body) for name in names}
         except ArchiveError as err:
             now = read_set(run_dir)
-            if now is not None and now.get("set") != body.get("set"):
+            if now is not None and (body is None or now.get("set") != body.get("set")):
                 continue  # the set was replaced while we read: read from the new one
-            if isinstance(err, DigestMismatch):
-                raise ArchiveError(f"{path} is not the table {DERIVED_DIR}/{DERIVED_MANIFEST} records (changed "
-                                   "by hand or damaged); re-run the analysis that wrote it") from None
-            raise
+            raise err from None
     raise ArchiveError(f"{Path(run_dir) / DERIVED_DIR} kept changing while it was read (analyses publishing "
                        "again and again?); reload")
+
+
+def _read_one(run_dir: Path, name: str, body: dict[str, Any] | None) -> pd.DataFrame:
+    spec = DERIVED.get(name)
+    kinds, required = (spec.kinds, spec.required) if spec else ({}, ())
+    path = Path(run_dir) / DERIVED_DIR / f"{name}.parquet"
+    what = f"{DERIVED_DIR}/{name}.parquet"
+    tables = sorted(body["tables"]) if body is not None else None
+    if (tables is None and not os.path.lexists(path)) or (tables is not None and name not in tables):
+        raise MissingTable(f"{Path(run_dir).name} has no derived table {name!r} (run `cos analyze`); has: "
+                           f"{tables if tables is not None else derived_names(run_dir)}")
+    digest = body["tables"][name]["sha256"] if body is not None else None
+    try:
+        return read_parquet(run_dir, path, what, kinds, required, digest=digest)
+    except DigestMismatch:
+        raise DigestMismatch(f"{path} is not the table {DERIVED_DIR}/{DERIVED_MANIFEST} records (changed by hand or "
+                             "damaged); re-run the analysis that wrote it") from None
 
 
 # ---- publishing --------------------------------------------------------------------------------------------------
