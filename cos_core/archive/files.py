@@ -139,10 +139,23 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         os.chmod(tmp, FILE_MODE)
         fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # a failed write() names no file: say which one (the CLI prints it)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def io_error(err: Exception, path: Path) -> Exception:
+    """A library's I/O failure (safetensors says "I/O error: ... (os error 28)" in its message) as the OSError it is,
+    naming `path`; any other failure as an ArchiveError naming `path`."""
+    code = re.search(r"(?:os error|code:) (\d+)", str(err))
+    if code:
+        return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
+    return ArchiveError(f"cannot write {path}: {err}")
 
 
 def exchange(a: Path, b: Path) -> bool:

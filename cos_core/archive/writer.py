@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import atomic_write, fsync_dir, is_temp, remove_stale, temp_path
+from .files import atomic_write, fsync_dir, io_error, is_temp, remove_stale, temp_path
 from .manifest import read_manifest
 from .schema import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEMA_VERSION, SHARD_DIR, ArchiveError,
                      Manifest, check_name, shard_name)
@@ -141,6 +141,7 @@ class RunWriter:
     def write_sample(self, sample: int, tensors: dict[str, np.ndarray], row: dict[str, Any],
                      layout: dict[str, Any]) -> Path:
         """Write one sample's shard atomically. A finished shard is never rewritten."""
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         path = self.shard_path(sample)
@@ -154,7 +155,10 @@ class RunWriter:
                 META_DIGEST: array_digest(tensors)}
 
         def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp), metadata=meta)
+            try:
+                save_file(tensors, str(tmp), metadata=meta)
+            except SafetensorError as err:  # a full disk arrives as a SafetensorError
+                raise io_error(err, path) from None
             if _FAULT: _fault("shard.tmp")
 
         atomic_write(path, write)

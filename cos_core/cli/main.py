@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 FIXES = {errno.ENOSPC: "the disk is full: free space (or choose another --runs-dir) and rerun the same command; finished "
                        "work is kept and resumed",
          errno.EDQUOT: "the disk quota is exceeded: free space and rerun the same command; finished work is kept",
-         errno.EROFS: "the file system is read-only: choose a writable --runs-dir",
+         errno.EROFS: "the file system is read-only: choose a writable --runs-dir, or work on a writable copy of the run",
          errno.EACCES: "permission denied: choose a folder you can write (--runs-dir) or fix its permissions",
          errno.EPERM: "not permitted: choose a folder you own (--runs-dir) or fix its permissions",
          errno.ENOTDIR: "a file stands where a folder belongs: move it away",
