@@ -663,14 +663,23 @@ def test_a_run_folder_the_reader_may_not_enter_is_a_problem_of_that_run_only(bas
     (tmp_path / "runs" / "locked").chmod(0)
     code = ("import json, sys; from cos_core.archive import list_runs; good, bad = list_runs(sys.argv[1]); "
             "print(json.dumps([[a.path.name for a in good], bad]))")
+    page = ("import json, sys; from streamlit.testing.v1 import AppTest; "
+            "at = AppTest.from_file(sys.argv[1], default_timeout=120).run(); "
+            "print(json.dumps([[str(e.value) for e in at.exception], [e.value for e in at.error], "
+            "list(at.dataframe[0].value['run']) if at.dataframe else []]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COS_RUNS_DIR": str(tmp_path / "runs")}
     try:
-        out = subprocess.run([*prefix, sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True,
-                             text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        out = [subprocess.run([*prefix, sys.executable, "-c", script, str(arg)], capture_output=True, text=True,
+                              timeout=300, cwd=REPO, env=env)
+               for script, arg in ((code, tmp_path / "runs"), (page, REPO / "app.py"))]
     finally:
         (tmp_path / "runs" / "locked").chmod(0o755)
-    assert out.returncode == 0, out.stderr[-2000:]
-    good, bad = json.loads(out.stdout)
+    assert out[0].returncode == 0 and out[1].returncode == 0, out[0].stderr[-2000:] + out[1].stderr[-2000:]
+    good, bad = json.loads(out[0].stdout)
     assert good == ["ok"] and list(bad) == ["locked"] and "Permission denied" in bad["locked"], (good, bad)
+    exceptions, cards, listed = json.loads(out[1].stdout.strip().splitlines()[-1])
+    assert not exceptions and listed == ["demo"], (exceptions, listed)  # the Overview serves the run it can read
+    assert any("**`locked`**" in card and "Permission denied" in card for card in cards), cards
 
 
 # ---- labels --------------------------------------------------------------------------------------------------------
@@ -1034,7 +1043,8 @@ def test_a_sample_whose_shard_lies_is_an_error_card_while_its_other_sample_and_o
     at = app.switch_page("views/steps.py").run()
     at.sidebar.selectbox(key="sample").set_value(1).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.error and "sample 1: decoded/x0_hat is stored as float64" in at.error[0].value, [e.value for e in at.error]
+    assert at.error and "sample 1: decoded/x0_hat is stored as float64" in at.error[0].value, \
+        [e.value for e in at.error]
     at.sidebar.selectbox(key="sample").set_value(0).run()
     assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
     at.sidebar.selectbox(key="run").set_value("good").run()

@@ -22,11 +22,11 @@ from typing import Any, Mapping
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .files import (atomic_write, exchange, fsync_dir, fsync_file, is_temp, locked, open_regular, read_json,
-                    remove_stale, temp_path, FILE_MODE)
+from . import writer
+from .files import (FILE_MODE, atomic_write, exchange, fsync_dir, fsync_file, is_temp, locked, open_regular,
+                    read_json, remove_stale, temp_path)
 from .schema import DERIVED, DERIVED_DIR, DERIVED_MANIFEST, ArchiveError, check_name, inside
 from .tables import DigestMismatch, read_parquet
-from . import writer
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -158,9 +158,7 @@ def _current(run_dir: Path, folder: Path) -> dict[str, dict[str, Any]]:
             with open_regular(run_dir, entry, f"{DERIVED_DIR}/{entry.name}"):
                 pass  # a regular file inside the run, else ArchiveError naming it
             if name not in entries:
-                check_name(name, f"{entry}: derived table")
-                entries[name] = {"file": entry.name, "rows": pq.read_metadata(entry).num_rows, "bytes":
-                                 entry.stat().st_size, "sha256": _sha256(entry), "producer": LEGACY, "config": None}
+                entries[name] = _legacy_entry(name, entry)
             continue
         raise ArchiveError(f"{entry} is not a table of the derived set; move it out of {folder} (cos-lab replaces "
                            "that folder as a whole when it publishes tables)")
@@ -169,6 +167,18 @@ def _current(run_dir: Path, folder: Path) -> dict[str, dict[str, Any]]:
         raise ArchiveError(f"{folder}: tables {missing} are listed in {DERIVED_MANIFEST} but missing; re-run the "
                            "analyses that wrote them (or delete derived/ to start over)")
     return entries
+
+
+def _legacy_entry(name: str, path: Path) -> dict[str, Any]:
+    """The manifest entry of a table an older cos-lab wrote without one."""
+    check_name(name, f"{path}: derived table")
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise ArchiveError(f"{path} cannot be read as parquet ({err}); delete it or re-run the analysis that wrote "
+                           "it, then publish again") from None
+    return {"file": path.name, "rows": rows, "bytes": path.stat().st_size, "sha256": _sha256(path),
+            "producer": LEGACY, "config": None}
 
 
 def _write_table(run_dir: Path, tmp: Path, name: str, table: pd.DataFrame, producer: str) -> dict[str, Any]:

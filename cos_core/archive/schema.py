@@ -50,7 +50,8 @@ Schema (``SCHEMA_VERSION`` = 1)::
         A publish writes every table (new ones, and hard links to the ones it keeps) and the manifest into a hidden
         ``.derived.tmp-<host>-<pid>-<random>/`` and swaps it with ``derived/`` in one rename (RENAME_EXCHANGE), under
         the run's ``.derived.lock``: a reader sees the old set or the new one, and checks each table against the
-        manifest's checksum. A new analysis publishes ALL its tables in one call:
+        manifest's checksum (`derived.read_derived_set` reads several tables of one set). A new analysis publishes
+        ALL its tables in one call:
             publish_derived(archive, {"my_table": table, "my_table_samples": samples}, producer="cos my-command")
         (table.attrs["cos_config"], a JSON string, is recorded as that table's config); if a page plots it, add a
         `DerivedSpec` to `DERIVED` below. Older runs have a derived/ without manifest.json: read table by table;
@@ -208,9 +209,9 @@ REQUIRED_KEYS = tuple(f.name for f in fields(Manifest) if f.default is not UNSET
 # kinds (checked by `tables.read_parquet` before a page sees a table): "index" integers >= 0, "int" integers, no
 # missing values; "number" integers, floats or booleans (missing allowed); "bool" the same, read as true/false;
 # "text" strings (missing allowed); "json" strings holding JSON. A pattern "score_*" applies to every column it matches.
-SAMPLE_KINDS: dict[str, str] = {"sample": "index", "sample_id": "text", "task": "text", "instance": "text", "seed": "int",
-                                "prompt": "text", "answer": "json", "shard": "text", "score_*": "number",
-                                "label_*": "number"}
+SAMPLE_KINDS: dict[str, str] = {"sample": "index", "sample_id": "text", "task": "text", "instance": "text",
+                                "seed": "int", "prompt": "text", "answer": "json", "shard": "text",
+                                "score_*": "number", "label_*": "number"}
 _STEP = {"sigma": "number", "t": "number", "expert": "text"}
 
 

@@ -81,7 +81,8 @@ class RunWriter:
 
     def _create(self) -> None:
         """Build the partial directory under a hidden temporary name and rename it, so that a `<run>.partial`
-        always holds its resume key (a kill here leaves only a hidden `.<run>.partial.tmp-<pid>`)."""
+        always holds its resume key (a kill here leaves only a hidden `.<run>.partial.tmp-<host>-<pid>-<random>`,
+        which the next run removes)."""
         remove_stale(self.runs_dir, prefix=f".{self.partial_dir.name}.")  # a killed creator's hidden folder
         tmp = temp_path(self.partial_dir)
         body = {"schema_version": SCHEMA_VERSION, "run_id": self.run_id, "resume_key": self.resume_key}
@@ -208,7 +209,8 @@ class RunWriter:
                                   checksums=sums if None not in sums else None)
         table = pd.DataFrame(rows)
         if "sample_id" in table and table["sample_id"].duplicated().any():
-            raise ArchiveError(f"duplicate sample_id in {self.run_id}: {table['sample_id'][table['sample_id'].duplicated()].tolist()[:5]}")
+            dup = table["sample_id"][table["sample_id"].duplicated()].tolist()[:5]
+            raise ArchiveError(f"duplicate sample_id in {self.run_id}: {dup}")
         def write_samples(tmp: Path) -> None:
             table.to_parquet(tmp, index=False)
             if _FAULT: _fault("samples.tmp")

@@ -1,9 +1,9 @@
 """The `cos` command: `cos capture | train | analyze | intervene | ensemble`, one module of this package each.
 
 Owns only dispatch and error reporting: a ValueError from the library (bad input, a damaged archive) and an OSError
-(a full disk, a read-only or unwritable folder, a file where a folder belongs) become one line naming the file and
-the fix, and exit code 2, never a traceback; the library has left finished work in place. A subcommand module has `add_arguments(parser)` and `run(args) -> int`; it is
-imported when the parser is built, its library imports stay inside `run`. Nothing outside `cli` imports this.
+(a full disk, a read-only folder, a file where a folder belongs) become one line naming the file and the fix, exit
+code 2, never a traceback (the library leaves finished work in place). A subcommand module has `add_arguments(parser)`
+and `run(args) -> int`, imported when the parser is built, library imports inside `run`. Only `cli` imports this.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # errno -> what to do about it
-FIXES = {errno.ENOSPC: "the disk is full: free space (or choose another --runs-dir) and rerun the same command; finished "
-                       "work is kept and resumed",
+FIXES = {errno.ENOSPC: "the disk is full: free space (or choose another --runs-dir) and rerun the same command; "
+                       "finished work is kept and resumed",
          errno.EDQUOT: "the disk quota is exceeded: free space and rerun the same command; finished work is kept",
-         errno.EROFS: "the file system is read-only: choose a writable --runs-dir, or work on a writable copy of the run",
+         errno.EROFS: "the file system is read-only: choose a writable --runs-dir, or work on a writable copy of the "
+                      "run",
          errno.EACCES: "permission denied: choose a folder you can write (--runs-dir) or fix its permissions",
          errno.EPERM: "not permitted: choose a folder you own (--runs-dir) or fix its permissions",
          errno.ENOTDIR: "a file stands where a folder belongs: move it away",
