@@ -465,6 +465,27 @@ def test_samples_table_columns_of_the_wrong_kind_are_refused(run, column, values
     refused(lambda: Archive.open(run).samples, message)
 
 
+@pytest.mark.parametrize("name, message", [
+    ("samples-abort.parquet", "cannot be read as parquet: Definition level histogram size mismatch"),
+    ("samples-bad-utf8.parquet", "column 'answer' cannot be read: 'utf-8' codec can't decode"),
+])
+def test_damaged_tables_the_fuzzer_found_are_archive_errors_not_a_dead_process(name, message):
+    """Two samples tables with bit flips found by the exploring fuzz: reading one column's chunk metadata from Python
+    aborted the process (pyarrow 26 throws an uncaught C++ exception), the other held bytes that are not UTF-8. Read
+    in a child process, so that an abort fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    path = REPO / "tests" / "fault" / "data" / name
+    code = ("import sys; from pathlib import Path; from cos_core.archive import ArchiveError; "
+            "from cos_core.archive.schema import SAMPLE_KINDS; from cos_core.archive.tables import read_parquet\n"
+            "try:\n    read_parquet(Path(sys.argv[1]).parent, Path(sys.argv[1]), 'samples.parquet', SAMPLE_KINDS)\n"
+            "except ArchiveError as err:\n    print(err)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and re.search(message, out.stdout), (out.returncode, out.stdout, out.stderr[-500:])
+
+
 def plant_derived(run: Path, name: str, table: pd.DataFrame) -> Path:
     """A derived table written by hand (as an older cos-lab or a hostile user would), not through publish_derived."""
     (run / "derived").mkdir(exist_ok=True)

@@ -46,8 +46,9 @@ def read_parquet(run_dir: Path, path: Path, what: str, kinds: Mapping[str, str] 
                            "before decoding)")
     if meta.num_columns > MAX_TABLE_COLUMNS:
         raise ArchiveError(f"{path} has {meta.num_columns} columns, over the {MAX_TABLE_COLUMNS}-column limit")
-    declared = sum(meta.row_group(g).column(c).total_uncompressed_size
-                   for g in range(meta.num_row_groups) for c in range(meta.num_columns))
+    # row-group totals: pyarrow 26 aborts the process (an uncaught C++ exception) on some damaged column-chunk
+    # metadata when it is read from Python (docs/reliability.md, case 84); decoding then fails cleanly instead
+    declared = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
     if declared > MAX_DECODED_BYTES:
         raise ArchiveError(f"{path} declares {declared} bytes of decoded data, over the {MAX_DECODED_BYTES}-byte "
                            "limit (refused before decoding)")
@@ -60,7 +61,10 @@ def read_parquet(run_dir: Path, path: Path, what: str, kinds: Mapping[str, str] 
         _check_type(path, name, schema.field(name).type, kind)
     table = _decode(path, file)
     for name, kind in checks.items():
-        _check_values(path, name, table.column(name), kind)
+        try:
+            _check_values(path, name, table.column(name), kind)
+        except (UnicodeDecodeError, pa.ArrowException) as err:  # bytes that are not UTF-8 in a text column
+            raise ArchiveError(f"{path}: column {name!r} cannot be read: {err}") from None
     try:
         return table.to_pandas()
     except Exception as err:  # noqa: BLE001 - pandas/pyarrow conversion problems of a hostile schema
