@@ -16,6 +16,7 @@ from cos_core.cli import intervene as intervene_cli  # noqa: E402
 from cos_core.experiments.interventions import (InterventionConfig, Job, mark_flips, noise_seed,  # noqa: E402
                                                 partners, run_batch, run_interventions, summarise)
 from cos_core.analysis.propagation import propagation_table  # noqa: E402
+from cos_core.archive import publish_derived  # noqa: E402
 from cos_core.experiments.replay import load_replay  # noqa: E402
 
 STEPS = 4
@@ -224,7 +225,7 @@ def test_cli_writes_the_documented_tables(replay, model_dir, capsys):
 ])
 def test_cli_refuses_bad_input_and_keeps_existing_tables(replay, model_dir, argv, message):
     sentinel = pd.DataFrame({"kind": ["noise_step"], "position": [0], "value": [0.5]})
-    replay.archive.write_derived("interventions", sentinel)
+    publish_derived(replay.archive, {"interventions": sentinel}, producer="test")
     path = replay.archive.path / "derived" / "interventions.parquet"
     before = path.read_bytes()
     with pytest.raises(ValueError, match=message):

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..archive import Archive
+from ..archive import Archive, publish_derived
 from .dynamics import DynamicsConfig, run_convergence, run_dynamics
 from .features import FeatureSpec, instance_groups, label_names, load_cells, load_labels
 from .memory import MEMORY_TASK, run_memory
@@ -152,6 +152,6 @@ def analyze_run(archive: Archive, which: Iterable[str] | None = None, config: An
                 "config": json.loads(json.dumps(asdict(config), default=str))}
     for name, table in tables.items():
         table.attrs["cos_config"] = json.dumps({**resolved, "table": name}, sort_keys=True)
-        if write:
-            archive.write_derived(name, table)
+    if write and tables:
+        publish_derived(archive, tables, producer="cos analyze")  # one set: a kill leaves the old one whole
     return tables, {a: r for a, r in reasons.items() if a not in chosen and r is not None}

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ..archive import publish_derived
     from ..experiments.interventions import run_interventions, with_instances
     from ..experiments.replay import load_replay
 
@@ -91,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
              "seconds": round(seconds, 3)}
     for table in tables.values():
         table.attrs["cos_config"] = json.dumps({**json.loads(table.attrs["cos_config"]), **extra}, sort_keys=True)
-    for name, table in tables.items():  # all computed: now write
-        archive.write_derived(name, table)
+    publish_derived(archive, tables, producer="cos intervene")  # all computed: now publish, as one set
     summary = {"run": str(archive.path), "written": {name: len(t) for name, t in tables.items()},
                "seconds": round(seconds, 1), "device": device}
     if "interventions" in tables:

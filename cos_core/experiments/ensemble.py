@@ -225,7 +225,7 @@ def ensemble_run(archive: Any, config: EnsembleConfig = EnsembleConfig(), *, dev
     Everything is validated before the model runs; the tables are written only after every job finished, each
     carrying the resolved config and the command in its ``cos_config`` parquet metadata."""
     from .. import __version__
-    from ..archive import Archive
+    from ..archive import Archive, publish_derived
     from .replay import load_replay
 
     archive = archive if isinstance(archive, Archive) else Archive.open(archive)
@@ -240,6 +240,5 @@ def ensemble_run(archive: Any, config: EnsembleConfig = EnsembleConfig(), *, dev
     for name, frame in ((TABLE, table), (SAMPLES_TABLE, samples)):
         frame.attrs["cos_config"] = json.dumps({**record, "table": name}, sort_keys=True, default=str)
     if write:
-        archive.write_derived(TABLE, table)
-        archive.write_derived(SAMPLES_TABLE, samples)
+        publish_derived(archive, {TABLE: table, SAMPLES_TABLE: samples}, producer="cos ensemble")
     return table, samples
