@@ -22,7 +22,7 @@ import pytest
 
 from cos_core.analysis.compare import outcome_counts, paired_outcomes
 from cos_core.analysis.layers import top_components
-from cos_core.archive import Archive, ArchiveError
+from cos_core.archive import Archive, ArchiveError, publish_derived
 from cos_core.archive.runs import RUNS_ENV, run_path, runs_dirs
 from cos_core.archive.schema import check_derived
 from cos_core.frames import spread, to_uint8
@@ -116,8 +116,7 @@ def make_runs(root: Path, model_dir: Path) -> Path:
             shard = copy / manifest["shards"][1]
             os.truncate(shard, shard.stat().st_size // 2)
     fixtures = Archive.open(root / "plot-fixtures")
-    for name, table in plotting_fixtures(fixtures).items():
-        fixtures.write_derived(name, table)
+    publish_derived(fixtures, plotting_fixtures(fixtures), producer="test fixtures")
     (root / "bad-manifest").mkdir()
     (root / "bad-manifest" / "manifest.json").write_text("{not json")
     return root

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cos_core.archive import Archive, ArchiveError, list_runs, schema
+from cos_core.archive import Archive, ArchiveError, list_runs, publish_derived, schema
 from cos_core.archive.schema import (CAPTURE, MANIFEST, REQUIRED_KEYS, SAMPLES, SCHEMA_VERSION, Manifest, act_key,
                                      shard_name, skip_key, token_key)
 from cos_core.archive.writer import RunExistsError, RunWriter
@@ -375,7 +375,7 @@ def test_list_runs_separates_good_broken_and_unfinished(run, tmp_path):
 def test_derived_tables_and_annotations_round_trip(run):
     a = Archive.open(run)
     table = pd.DataFrame({"step": [0, 1], "acc": [0.5, 0.75]})
-    a.write_derived("probe_acc", table)
+    publish_derived(a, {"probe_acc": table}, producer="test")
     pd.testing.assert_frame_equal(Archive.open(run).derived("probe_acc"), table)
     assert a.derived_names() == ["probe_acc"]
     labels = [{"sample": 0, "step": 2, "label": "flip"}]
@@ -459,7 +459,8 @@ def test_writer_resume_drops_a_half_written_shard_and_keeps_finished_ones(tmp_pa
     ok = {"final": np.ones((2, 1, 2, 2), np.float32)}
     writer = RunWriter(tmp_path, "w", {"a": 1})
     writer.write_sample(0, ok, {"sample_id": "x"}, _layout())
-    stale = writer.partial_dir / "shards" / f".sample_000001.safetensors.tmp-{os.getpid() + 1}"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = writer.partial_dir / "shards" / f".sample_000001.safetensors.tmp-{int(gone.stdout)}"  # owner exited
     stale.write_bytes(b"half a shard")
     again = RunWriter(tmp_path, "w", {"a": 1})
     assert again.resumed and again.finished() == {0} and not stale.exists()

@@ -1,6 +1,8 @@
 """Fuzzing the archive reader with hypothesis: random JSON, random bytes and mutated valid manifests as manifest.json,
-random bytes, bit flips, cuts and mutated headers as a shard. Whatever the input, `read_manifest`, `Archive.open`,
-`list_runs` and every look-up either work or raise `ArchiveError`, the reader's documented error type; nothing else.
+random bytes, bit flips, cuts and mutated headers as a shard; random and mutated JSON as the derived manifest and as
+annotations.json; bit flips and cuts of samples.parquet and of a derived table. Whatever the input, `read_manifest`,
+`Archive.open`, `list_runs`, `shard_problems` and every look-up either work or raise `ArchiveError`, the reader's
+documented error type; nothing else.
 
 Examples are derandomized (the same ones on every CI run); COS_FUZZ_RANDOM=1 explores new ones and
 COS_FUZZ_EXAMPLES=<n> sets how many per test (default 200).
@@ -15,13 +17,16 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive import Archive, ArchiveError, list_runs, publish_derived
+from cos_core.archive.derived import read_derived_set
 from cos_core.archive.manifest import read_manifest
-from cos_core.archive.schema import MANIFEST, act_key, shard_name, token_key
+from cos_core.archive.runs import shard_problems
+from cos_core.archive.schema import ANNOTATIONS, DERIVED_MANIFEST, MANIFEST, SAMPLES, act_key, shard_name, token_key
 from cos_core.archive.writer import RunWriter
 
 FUZZ = settings(max_examples=int(os.environ.get("COS_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
@@ -58,12 +63,23 @@ def write_run(runs: Path) -> Path:
             tensors[act_key(SITE, "token_norm", branch)] = rng.random((2, 2, 2, 1, 2)).astype(np.float32)
             tensors[token_key(SITE, 1, 2, branch)] = rng.integers(0, 2**16, (2, 1, 2, 3), dtype=np.uint16)
         writer.write_sample(sample, tensors, {"sample_id": f"s{sample}", "seed": sample, "instance": "0",
-                                              "label_goal": sample}, layout)
-    return writer.finalize(2, {"config": {"fuzz": True}})
+                                              "label_goal": sample, "answer": json.dumps({"goal": sample}),
+                                              "score_correct": float(sample)}, layout)
+    run = writer.finalize(2, {"config": {"fuzz": True}})
+    grid = pd.DataFrame({"label": ["goal"] * 2, "layer": [0, 1], "step": [0, 2], "accuracy": [0.5, 1.0],
+                         "chance": [0.5, 0.5], "n": [2, 2]})
+    publish_derived(run, {"probe_grid": grid, "events": pd.DataFrame({"sample": [1], "kind": ["switch"],
+                                                                      "step": [2]})}, producer="fuzz")
+    Archive.open(run).add_annotation({"sample": 0, "sample_id": "s0", "category": "Memory", "step": 1, "note": "x",
+                                      "created": ""})
+    return run
+
+
+FILES = (MANIFEST, shard_name(0), SAMPLES, ANNOTATIONS, f"derived/{DERIVED_MANIFEST}", "derived/probe_grid.parquet")
 
 
 class Scratch:
-    """One valid run plus a copy that each example overwrites: manifest.json or shard 0, restored after."""
+    """One valid run plus a copy that each example overwrites: one of `FILES`, all restored after."""
 
     def __init__(self, root: Path):
         self.good = write_run(root / "made")
@@ -71,10 +87,11 @@ class Scratch:
         self.path = Path(shutil.copytree(self.good, self.runs / "fuzz"))
         self.manifest = json.loads((self.good / MANIFEST).read_text())
         self.shard = (self.good / shard_name(0)).read_bytes()
+        self.files = {name: (self.good / name).read_bytes() for name in FILES}
 
     def restore(self) -> None:
-        shutil.copy(self.good / MANIFEST, self.path / MANIFEST)
-        shutil.copy(self.good / shard_name(0), self.path / shard_name(0))
+        for name, data in self.files.items():
+            (self.path / name).write_bytes(data)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +136,11 @@ def exercise(s: Scratch) -> None:
                         attempt(lambda: a.act(site, reduction, sample=sample, layer=1, step=2, branch=branch))
                     attempt(lambda: a.stack(site, reduction, over="sample"))
                     attempt(lambda: a.stack(site, reduction, over="layer", samples=[sample], step=0))
+        attempt(lambda: shard_problems(a))
         attempt(lambda: a.derived_names())
+        for name in ("probe_grid", "events"):
+            attempt(lambda: a.derived(name))
+        attempt(lambda: read_derived_set(a.path, ["probe_grid", "events"]))
         attempt(lambda: a.annotations())
     finally:
         s.restore()
@@ -199,9 +220,36 @@ def test_damaged_shards(scratch, data):
     exercise(scratch)
 
 
+@FUZZ
+@given(data=st.data())
+def test_random_and_mutated_json_as_derived_manifest_and_labels(scratch, data):
+    name = data.draw(st.sampled_from([f"derived/{DERIVED_MANIFEST}", ANNOTATIONS]))
+    valid = json.loads(scratch.files[name])
+    doc = data.draw(JSON) if data.draw(st.booleans()) else mutate(data, mutate(data, valid))
+    (scratch.path / name).write_text(json.dumps(doc))
+    exercise(scratch)
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_tables(scratch, data):
+    """Bit flips anywhere, or a cut at a random length, of samples.parquet or a derived table."""
+    name = data.draw(st.sampled_from([SAMPLES, "derived/probe_grid.parquet"]))
+    blob = bytearray(scratch.files[name])
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 8))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    else:
+        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+    (scratch.path / name).write_bytes(bytes(blob))
+    exercise(scratch)
+
+
 def test_the_fuzzed_run_is_valid_and_fully_read(scratch):
     """The base of every example reads end to end, so the fuzz starts from a run the reader accepts."""
     a = Archive.open(scratch.path)
-    assert a.n_samples == 2 and len(a.keys(0)) == 10
+    assert a.n_samples == 2 and len(a.keys(0)) == 10 and not shard_problems(a)
+    assert a.derived_names() == ["events", "probe_grid"] and len(a.annotations()) == 1
+    assert a.samples["score_correct"].tolist() == [0.0, 1.0]
     assert a.tokens(SITE, sample=0, layer=1, step=2).dtype == np.float32  # bfloat16 bits widened
     assert a.stack(SITE, "token_norm", over="sample").shape == (2, 2, 2, 2, 1, 2)

@@ -15,6 +15,7 @@ pytest.importorskip("diffusers")
 
 from cos_core.analysis.commitment import commitment_table  # noqa: E402
 from cos_core.analysis.propagation import propagation_table  # noqa: E402
+from cos_core.archive import publish_derived  # noqa: E402
 from cos_core.cli import intervene as intervene_cli  # noqa: E402
 from cos_core.experiments.batch import Job, plan_batches, run_batch  # noqa: E402
 from cos_core.experiments.interventions import (InterventionConfig, mark_flips, partners,  # noqa: E402
@@ -351,7 +352,7 @@ def test_cli_writes_the_documented_tables(replay, model_dir, capsys):
 ])
 def test_cli_refuses_bad_input_and_keeps_existing_tables(replay, model_dir, argv, message):
     sentinel = pd.DataFrame({"kind": ["noise_step"], "position": [0], "value": [0.5]})
-    replay.archive.write_derived("interventions", sentinel)
+    publish_derived(replay.archive, {"interventions": sentinel}, producer="test")
     path = replay.archive.path / "derived" / "interventions.parquet"
     before = path.read_bytes()
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import threading
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cos_core.archive import Archive, ArchiveError, list_runs
+from cos_core.archive import Archive, ArchiveError, list_runs, publish_derived
 from cos_core.archive.manifest import read_manifest
 from cos_core.archive.schema import MANIFEST, PARTIAL_MANIFEST, SAMPLES, act_key, shard_name, token_key
 from cos_core.archive.writer import RunWriter
@@ -68,8 +69,14 @@ def rewrite_shard(run: Path, sample: int, change) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def raw_shard(path: Path, header: dict, body: bytes) -> None:
-    """A safetensors file from a hand-written header (8-byte little-endian length, JSON, data)."""
+def raw_shard(path: Path, header: dict, body: bytes, like: Path | None = None) -> None:
+    """A safetensors file from a hand-written header (8-byte little-endian length, JSON, data); `like`: a shard
+    whose metadata (sample, row, ...) it carries."""
+    if like is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(like), framework="np") as f:
+            header = {**header, "__metadata__": f.metadata()}
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + body)
 
@@ -82,9 +89,9 @@ def refused(call, message: str) -> str:
 
 # ---- manifest --------------------------------------------------------------------------------------------------
 def test_an_over_size_manifest_is_refused_before_it_is_read(run):
-    with open(run / MANIFEST, "r+b") as f:  # sparse: 65 MiB on paper, no time to write
-        f.truncate(65 * 2**20)
-    refused(lambda: Archive.open(run), "is 68157440 bytes, over the 67108864-byte limit")
+    with open(run / MANIFEST, "r+b") as f:  # sparse: 9 MiB on paper, no time to write
+        f.truncate(9 * 2**20)
+    refused(lambda: Archive.open(run), "is 9437184 bytes, over the 8388608-byte limit")
 
 
 def test_a_deeply_nested_manifest_is_invalid_json_not_a_recursion_error(run):
@@ -147,8 +154,8 @@ def test_a_run_of_0_steps_is_refused(run):
     (lambda m: m["sites"][SITE]["reductions"].update(frame_mean=[3, 24]), "sites.block_out must give"),
     (lambda m: m["sites"][SITE].update(tokens=[[1]]), "sites.block_out must give"),
     (lambda m: m["tensors"]["x0_hat"].update(steps=[0, 4]), "tensors.x0_hat must give steps \\(0..3\\)"),
-    (lambda m: m["latent"].update(channels=0), "'latent' must give positive integers"),
-    (lambda m: m.update(token_grid="3x2x4"), "'token_grid' must give positive integers"),
+    (lambda m: m["latent"].update(channels=0), "'latent' must give integers channels \\(1..4096\\)"),
+    (lambda m: m.update(token_grid="3x2x4"), "'token_grid' must give integers frames"),
     (lambda m: m.update(decoded={"steps": "all"}), "'decoded' must be null or"),
     (lambda m: m.update(run_id=7), "run_id must be a string"),
     (lambda m: m.update(n_samples=True, shards=["shards/sample_000000.safetensors"]), "n_samples is True"),
@@ -191,8 +198,11 @@ def test_a_bfloat16_tensor_where_float32_is_promised_is_refused(run):
                                                           "promises float32 \\[16, 3, 4, 8\\]")
 
 
-def test_a_float8_tensor_under_an_unknown_key_is_an_archive_error(run):
-    raw_shard(run / shard_name(0), {"extra": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0")
+def test_a_float8_tensor_under_an_unknown_key_is_an_archive_error(run, tmp_path):
+    shutil.copy(run / shard_name(0), tmp_path / "own.safetensors")
+    raw_shard(run / shard_name(0), {"extra": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0",
+              like=tmp_path / "own.safetensors")
+    edit_manifest(run, lambda m: m.pop("checksums"))  # as an archive from before checksums
     refused(lambda: Archive.open(run).read(0, "extra"), "tensor 'extra' cannot be read as numpy")
 
 
@@ -241,10 +251,10 @@ def test_a_shard_header_length_far_beyond_the_file_is_damaged(run):
     refused(lambda: Archive.open(run).keys(0), "damaged or not a safetensors file: .*header too large")
 
 
-def test_a_shard_that_is_a_folder_is_missing(run):
+def test_a_shard_that_is_a_folder_is_refused_unopened(run):
     (run / shard_name(0)).unlink()
     (run / shard_name(0)).mkdir()
-    refused(lambda: Archive.open(run).read(0, "final"), "shard for sample 0 is missing")
+    refused(lambda: Archive.open(run).read(0, "final"), "sample_000000.safetensors is a folder, not a regular file")
 
 
 # ---- runs directory, derived tables, annotations ----------------------------------------------------------------
@@ -277,8 +287,9 @@ def test_derived_tables_and_annotations_linked_out_of_the_run_are_refused(run, t
     elsewhere.mkdir()
     pd.DataFrame({"x": [1]}).to_parquet(elsewhere / "probe_grid.parquet")
     (run / "derived").symlink_to(elsewhere)
-    refused(lambda: a.derived("probe_grid"), "derived/probe_grid.parquet resolves outside the run directory")
-    refused(lambda: a.write_derived("probe_grid", pd.DataFrame({"x": [2]})), "derived/ resolves outside")
+    refused(lambda: a.derived("probe_grid"), "derived/ resolves outside the run directory")
+    refused(lambda: publish_derived(a, {"probe_grid": pd.DataFrame({"x": [2]})}, producer="test"),
+            "derived/ resolves outside")
     assert pd.read_parquet(elsewhere / "probe_grid.parquet")["x"].tolist() == [1], "wrote through the link"
     (tmp_path / "labels.json").write_text("[]")
     (run / "annotations.json").symlink_to(tmp_path / "labels.json")
@@ -288,6 +299,441 @@ def test_derived_tables_and_annotations_linked_out_of_the_run_are_refused(run, t
 def test_damaged_annotations_are_an_archive_error(run):
     (run / "annotations.json").write_text("[" * 100_000)
     refused(lambda: Archive.open(run).annotations(), "annotations.json is not valid JSON")
+
+
+def test_two_shards_swapped_within_a_run_are_refused_not_read_as_each_other(run):
+    a, b = run / shard_name(0), run / shard_name(1)
+    a.rename(run / "x")
+    b.rename(a)
+    (run / "x").rename(b)
+    archive = Archive.open(run)
+    refused(lambda: archive.read(0, "final"), "shard for sample 0 .* holds sample '1', not sample 0: shards were "
+                                              "swapped")
+    refused(lambda: archive.keys(1), "holds sample '0', not sample 1")
+
+
+def test_a_shard_of_another_run_with_the_same_shapes_is_refused_by_its_sample_id(run):
+    """Shard 0 of another run of the same configuration (same index and shapes, another instance)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = run / shard_name(0)
+    with safe_open(str(path), framework="np") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(path), metadata={**meta, "row": json.dumps({**json.loads(meta["row"]), "sample_id": "t0"})})
+    refused(lambda: Archive.open(run).read(0, "final"), "holds sample_id 't0', samples.parquet says 's0' for sample 0")
+
+
+def test_a_bit_flip_in_tensor_data_fails_the_content_checksum(run):
+    path = run / shard_name(1)
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0x10  # inside the last tensor's data: the header stays valid
+    path.write_bytes(bytes(blob))
+    archive = Archive.open(run)
+    refused(lambda: archive.read(1, "final"), "shard for sample 1 .*content checksum .* differs from the manifest's")
+    assert archive.read(0, "final").shape == (16, 3, 4, 8)  # sample 0 still reads
+    edit_manifest(run, lambda m: m.pop("checksums"))  # an archive from before checksums opens and reads as before
+    assert Archive.open(run).read(1, "final").shape == (16, 3, 4, 8)
+
+
+def test_the_content_checksum_does_not_depend_on_header_order(run):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from cos_core.archive.shards import array_digest, file_digest
+
+    path = run / shard_name(0)
+    with safe_open(str(path), framework="np") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    want = json.loads((run / MANIFEST).read_text())["checksums"][0]
+    assert array_digest(tensors) == want
+    save_file(dict(reversed(list(tensors.items()))), str(path), metadata=dict(reversed(list(meta.items()))))
+    with open(path, "rb") as f:
+        assert file_digest(f) == want
+    assert Archive.open(run).read(0, "final").shape == (16, 3, 4, 8)
+
+
+def test_shards_tables_and_manifest_get_the_mode_every_file_gets(base):
+    from cos_core.archive.files import FILE_MODE
+
+    modes = {str(p.relative_to(base)): p.stat().st_mode & 0o777 for p in base.rglob("*") if p.is_file()}
+    assert FILE_MODE == 0o666 & ~os.umask(os.umask(0o022))
+    assert set(modes.values()) == {FILE_MODE}, modes
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "dangling", "folder"])
+def test_a_shard_that_is_not_a_regular_file_is_refused_without_opening_it(run, kind, monkeypatch):
+    import socket
+
+    from cos_core.archive.runs import shard_problems
+
+    path = run / shard_name(1)
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        monkeypatch.chdir(path.parent)  # a socket's path must be short: bind it by its relative name
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path.name)
+    elif kind == "dangling":
+        path.symlink_to(run / "nowhere.safetensors")
+    else:
+        path.mkdir()
+    expect = {"fifo": "is a FIFO, not a regular file", "socket": "is a socket, not a regular file",
+              "dangling": "shard for sample 1 is missing \\(a dangling symlink\\)",
+              "folder": "is a folder, not a regular file"}[kind]
+    archive = Archive.open(run)
+    done = threading.Event()
+    found: dict = {}
+    worker = threading.Thread(target=lambda: (found.update(shard_problems(archive)), done.set()), daemon=True)
+    worker.start()
+    assert done.wait(20), "shard_problems blocked on the shard"  # a FIFO opened for reading blocks for ever
+    assert list(found) == [1] and re.search(expect, found[1]), found
+    refused(lambda: archive.read(1, "final"), expect)
+    assert archive.read(0, "final").shape == (16, 3, 4, 8)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["config"].update(ensemble={}), "config.ensemble must be null or \\{method"),
+    (lambda m: m.update(model="x"), "'model' must be an object, found 'x'"),
+    (lambda m: m.update(command=["cos", 1]), "'command' must be a list of strings"),
+    (lambda m: m["decoded"].update(shape=[2, 8]), "'decoded' must be null or \\{steps, shape \\[frames"),
+    (lambda m: m["latent"].update(frames=10**12), "'latent' must give integers .*frames \\(1..4096\\)"),
+    (lambda m: m.update(run_id="[x](https://evil.example)![](https://evil.example/p.png)"),
+     "run_id '\\[x\\]\\(https.* is not allowed"),
+    (lambda m: m["model"].update(device="cuda](https://evil.example)"), "model.device must name a torch device"),
+    (lambda m: m["sites"].update({"<img src=x>": m["sites"].pop(SITE)}), "site and reduction names must be"),
+    (lambda m: m["tensors"]["x0_hat"].update(shape=[16, 3, 4, 9]), "tensors.x0_hat.shape .* must be the latent's"),
+    (lambda m: m.update(checksums=["md5:0"] * 2), "'checksums' must list one 'sha256:"),
+    (lambda m: m["config"].update(task=["maze"]), "config.task must be a string"),
+], ids=["ensemble-empty", "model-string", "command-int", "decoded-short", "latent-frames-1e12", "run-id-markdown",
+        "device-markdown", "site-name-html", "x0-shape-vs-latent", "checksums", "task-list"])
+def test_manifest_fields_pages_use_are_checked_at_open(run, change, message):
+    edit_manifest(run, change)
+    refused(lambda: Archive.open(run), message)
+
+
+# ---- samples and derived tables: sizes and column kinds ------------------------------------------------------------
+def bomb(path: Path, rows: int = 60_000_000) -> None:
+    """A parquet file of `rows` zeros: a few hundred KB on disk, GBs once decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sample": pa.array(np.zeros(rows, np.int64))}), path, compression="zstd")
+
+
+def test_a_parquet_bomb_is_refused_from_its_footer_before_decoding(run, monkeypatch):
+    import pyarrow.parquet as pq
+
+    (run / "derived").mkdir()
+    bomb(run / "derived" / "step_answers.parquet")
+    assert (run / "derived" / "step_answers.parquet").stat().st_size < 600_000
+
+    def decoding(*args, **kwargs):
+        raise AssertionError("the bomb was decoded")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", decoding)  # bench/reader_limits.py measures the memory
+    refused(lambda: Archive.open(run).derived("step_answers"), "declares 60000000 rows, over the 2000000-row limit "
+                                                               "\\(refused before decoding\\)")
+
+
+def test_a_table_declaring_more_decoded_bytes_than_the_limit_is_refused(run, monkeypatch):
+    from cos_core.archive import tables
+
+    monkeypatch.setattr(tables, "MAX_DECODED_BYTES", 100)
+    refused(lambda: Archive.open(run).samples, "declares .* bytes of decoded data, over the 100-byte limit")
+
+
+def test_an_over_size_table_file_is_refused_before_it_is_read(run):
+    (run / "derived").mkdir()
+    with open(run / "derived" / "events.parquet", "wb") as f:
+        f.truncate(257 * 2**20)  # sparse
+    refused(lambda: Archive.open(run).derived("events"), "is 269484032 bytes, over the 268435456-byte limit")
+
+
+@pytest.mark.parametrize("column, values, message", [
+    ("score_correct", ["yes", "no"], "column 'score_correct' must hold numbers, found large_string"),
+    ("answer", ['{"path": [1, 2]}', "{not json"], "column 'answer' row 1 is not valid JSON"),
+    ("sample_id", [1, 2], "column 'sample_id' must hold text, found int64"),
+    ("seed", [0.5, 1.5], "column 'seed' must hold integers, found double"),
+    ("sample", [-1, 0], "column 'sample' must hold integers >= 0"),
+], ids=["score-strings", "answer-not-json", "sample-id-ints", "seed-floats", "sample-negative"])
+def test_samples_table_columns_of_the_wrong_kind_are_refused(run, column, values, message):
+    table = pd.read_parquet(run / SAMPLES)
+    table[column] = values
+    table.to_parquet(run / SAMPLES)
+    refused(lambda: Archive.open(run).samples, message)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("samples-abort.parquet", "cannot be read as parquet: Definition level histogram size mismatch"),
+    ("samples-bad-utf8.parquet", "column 'answer' cannot be read: 'utf-8' codec can't decode"),
+])
+def test_damaged_tables_the_fuzzer_found_are_archive_errors_not_a_dead_process(name, message):
+    """Two samples tables with bit flips found by the exploring fuzz: reading one column's chunk metadata from Python
+    aborted the process (pyarrow 26 throws an uncaught C++ exception), the other held bytes that are not UTF-8. Read
+    in a child process, so that an abort fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    path = REPO / "tests" / "fault" / "data" / name
+    code = ("import sys; from pathlib import Path; from cos_core.archive import ArchiveError; "
+            "from cos_core.archive.schema import SAMPLE_KINDS; from cos_core.archive.tables import read_parquet\n"
+            "try:\n    read_parquet(Path(sys.argv[1]).parent, Path(sys.argv[1]), 'samples.parquet', SAMPLE_KINDS)\n"
+            "except ArchiveError as err:\n    print(err)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and re.search(message, out.stdout), (out.returncode, out.stdout, out.stderr[-500:])
+
+
+def plant_derived(run: Path, name: str, table: pd.DataFrame) -> Path:
+    """A derived table written by hand (as an older cos-lab or a hostile user would), not through publish_derived."""
+    (run / "derived").mkdir(exist_ok=True)
+    path = run / "derived" / f"{name}.parquet"
+    table.to_parquet(path, index=False)
+    return path
+
+
+EVENTS = pd.DataFrame({"sample": [0], "kind": ["switch"], "step": [2]})
+GRID = pd.DataFrame({"label": ["goal"] * 4, "layer": [0, 0, 1, 1], "step": [0, 1, 0, 1],
+                     "accuracy": [0.5, 0.6, 0.7, 0.9], "chance": [0.5] * 4, "n": [8] * 4})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.assign(accuracy=["high"] * 4), "column 'accuracy' must hold numbers, found large_string"),
+    (lambda t: t.assign(layer=[0.0, 0.0, 1.5, 1.5]), "column 'layer' must hold integers, found double"),
+    (lambda t: t.assign(step=[0, None, 0, 1]), "column 'step' must hold integers >= 0, found double"),
+    (lambda t: t.drop(columns="chance"), "lacks column\\(s\\) \\['chance'\\]"),
+    (lambda t: t.assign(label=[1, 2, 3, 4]), "column 'label' must hold text, found int64"),
+], ids=["accuracy-strings", "layer-floats", "step-missing", "no-chance", "label-ints"])
+def test_derived_columns_of_the_wrong_kind_are_refused(run, change, message):
+    plant_derived(run, "probe_grid", change(GRID))
+    refused(lambda: Archive.open(run).derived("probe_grid"), message)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling", "folder"])
+def test_a_derived_entry_that_is_not_a_regular_file_is_not_listed_and_refused(run, kind):
+    plant_derived(run, "step_answers", pd.DataFrame({"sample": [0], "step": [0], "correct": [True]}))
+    path = run / "derived" / "convergence.parquet"
+    {"fifo": os.mkfifo, "dangling": lambda p: p.symlink_to(run / "gone.parquet"), "folder": os.mkdir}[kind](path)
+    a = Archive.open(run)
+    assert a.derived_names() == ["step_answers"]
+    refused(lambda: a.derived("convergence"), {"fifo": "is a FIFO", "dangling": "missing \\(a dangling symlink\\)",
+                                               "folder": "is a folder"}[kind])
+    refused(lambda: publish_derived(a, {"events": pd.DataFrame({"sample": [0], "kind": ["x"], "step": [1]})},
+                                    producer="test"), "convergence.parquet")
+    assert a.derived_names() == ["step_answers"], "a refused publish changed the set"
+
+
+# ---- the derived set -------------------------------------------------------------------------------------------------
+def test_a_publish_keeps_the_tables_it_does_not_replace_and_records_who_wrote_each(run):
+    from cos_core.archive.derived import read_set
+
+    old = plant_derived(run, "events", EVENTS)
+    (run / "derived" / f".events.parquet.tmp-{dead_pid()}").write_bytes(b"half")  # an older cos-lab's orphan
+    grid = GRID.copy()
+    grid.attrs["cos_config"] = json.dumps({"probe": {"alpha": 0.1}})
+    publish_derived(Archive.open(run), {"probe_grid": grid}, producer="cos analyze")
+    body = read_set(run)
+    assert sorted(body["tables"]) == ["events", "probe_grid"] and sorted(os.listdir(run / "derived")) == \
+        ["events.parquet", "manifest.json", "probe_grid.parquet"], "the orphan temp file was carried over"
+    assert body["tables"]["probe_grid"]["producer"] == "cos analyze"
+    assert body["tables"]["probe_grid"]["config"] == {"probe": {"alpha": 0.1}}
+    assert body["tables"]["events"]["producer"].startswith("unknown") and body["versions"]["pandas"]
+    assert Archive.open(run).derived("events")["kind"].tolist() == ["switch"] and old.stat().st_nlink == 1
+
+
+def test_a_derived_table_changed_behind_the_manifest_is_refused(run):
+    publish_derived(Archive.open(run), {"probe_grid": GRID}, producer="test")
+    GRID.assign(accuracy=0.99).to_parquet(run / "derived" / "probe_grid.parquet", index=False)
+    refused(lambda: Archive.open(run).derived("probe_grid"), "is not the table derived/manifest.json records")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{half", "manifest.json is not valid JSON"),
+    ('{"format": 1, "tables": {"../x": {"file": "../x.parquet", "rows": 1, "sha256": "s"}}}',
+     "derived table '../x' is not allowed"),
+    ('{"format": 1, "tables": {"x": {"file": "y.parquet", "rows": 1, "sha256": "s"}}}',
+     "must give file '<name>.parquet'"),
+    ('{"format": 2, "tables": {}}', "must be \\{format: 1"),
+])
+def test_a_damaged_derived_manifest_is_refused(run, text, message):
+    publish_derived(Archive.open(run), {"probe_grid": GRID}, producer="test")
+    (run / "derived" / "manifest.json").write_text(text)
+    refused(lambda: Archive.open(run).derived_names(), message)
+
+
+def test_a_publisher_refuses_a_table_the_reader_would_refuse_and_keeps_the_old_set(run):
+    publish_derived(Archive.open(run), {"probe_grid": GRID}, producer="test")
+    before = (run / "derived" / "manifest.json").read_bytes()
+    with pytest.raises(ArchiveError, match="cos analyze made a 'probe_grid' table the reader would refuse: .*"
+                                           "column 'accuracy' must hold numbers"):
+        publish_derived(Archive.open(run), {"probe_grid": GRID.assign(accuracy="x")}, producer="cos analyze")
+    assert (run / "derived" / "manifest.json").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".derived.tmp-")]
+
+
+def test_derived_a_file_or_a_foreign_file_inside_it_stops_a_publish_and_loses_nothing(run):
+    (run / "derived").write_text("my notes")
+    refused(lambda: publish_derived(Archive.open(run), {"probe_grid": GRID}, producer="test"),
+            "derived is a file, not a folder: move it away")
+    assert (run / "derived").read_text() == "my notes"
+    (run / "derived").unlink()
+    publish_derived(Archive.open(run), {"probe_grid": GRID}, producer="test")
+    (run / "derived" / "notes.txt").write_text("mine")
+    refused(lambda: publish_derived(Archive.open(run), {"events": EVENTS}, producer="test"),
+            "notes.txt is not a table of the derived set; move it out")
+    assert (run / "derived" / "notes.txt").read_text() == "mine"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_stale_temporaries_are_removed_only_when_their_owner_is_dead(tmp_path):
+    import subprocess
+    import sys
+
+    from cos_core.archive.files import HOST, owner_alive, remove_stale
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {"dead": f".s.tmp-{HOST}-{dead_pid()}-00ff", "legacy-dead": f".s.tmp-{dead_pid()}",
+                 "live": f".s.tmp-{HOST}-{live.pid}-00ff", "legacy-live": f".s.tmp-{live.pid}",
+                 "mine": f".s.tmp-{HOST}-{os.getpid()}-00ff", "other-host": f".s.tmp-00000000-{dead_pid()}-00ff",
+                 "not-a-temp": ".keep"}
+        for name in names.values():
+            (tmp_path / name).write_text("x")
+        reused = tmp_path / f".s.tmp-{HOST}-{live.pid}-0100"  # written an hour before `live` started: its pid was
+        reused.write_text("x")
+        os.utime(reused, (time.time() - 3600, time.time() - 3600))  # another, dead process's (pid reuse)
+        removed = {p.name for p in remove_stale(tmp_path)}
+        assert removed == {names["dead"], names["legacy-dead"], reused.name}, removed
+        assert owner_alive(tmp_path / names["live"]) and owner_alive(tmp_path / names["other-host"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+TINY_LAYOUT = {"steps": [{"step": 0, "t": 999.0, "sigma": 1.0, "expert": "transformer"}], "n_steps": 1,
+               "latent": {"channels": 2, "frames": 1, "height": 2, "width": 2},
+               "token_grid": {"frames": 1, "rows": 1, "cols": 1, "patch": [1, 2, 2]}, "tensors": {}, "sites": {},
+               "decoded": None}
+
+
+def test_a_resuming_capture_never_deletes_a_live_process_temporary(tmp_path):
+    import subprocess
+    import sys
+
+    from cos_core.archive.files import HOST
+
+    writer = RunWriter(tmp_path, "w", {"a": 1})
+    writer.write_sample(0, {"final": np.ones((2, 1, 2, 2), np.float32)}, {"sample_id": "x"}, TINY_LAYOUT)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = writer.partial_dir / "shards" / f".sample_000001.safetensors.tmp-{HOST}-{live.pid}-0a0b"
+        busy.write_bytes(b"being written")
+        dead = writer.partial_dir / "shards" / f".sample_000002.safetensors.tmp-{HOST}-{dead_pid()}-0a0b"
+        dead.write_bytes(b"left by a kill")
+        again = RunWriter(tmp_path, "w", {"a": 1})
+        assert busy.exists() and not dead.exists()
+        refused(lambda: again.finalize(1, {}), "holds \\['.sample_000001.safetensors.tmp-.*written by a process "
+                                               "that is still running")
+        assert busy.read_bytes() == b"being written"
+    finally:
+        live.kill()
+        live.wait()
+    assert again.finalize(1, {}).is_dir() and not busy.exists()  # its owner is gone now
+
+
+# ---- runs directory ---------------------------------------------------------------------------------------------
+def test_a_run_folder_whose_name_is_not_utf8_is_listed_as_a_problem(run):
+    os.mkdir(os.fsencode(run.parent) + b"/caf\xe9-run")
+    good, bad = list_runs(run.parent)
+    assert [a.run_id for a in good] == ["demo"]
+    assert list(bad) == ["caf\\xe9-run"] and "not UTF-8" in bad["caf\\xe9-run"]
+    json.dumps(bad).encode("utf-8")  # every name and message is text a page can send
+
+
+def without_root_powers() -> list[str] | None:
+    """A command prefix under which file permissions apply (root reads anything): none for another user, `setpriv`
+    dropping root's capabilities to bypass them for root; None when neither is possible."""
+    if os.name != "posix":
+        return None
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--"] if setpriv else None
+
+
+def test_a_run_folder_the_reader_may_not_enter_is_a_problem_of_that_run_only(base, tmp_path):
+    """A run folder of mode 000: `list_runs`, in a process without root's powers, reports it and lists the other."""
+    import subprocess
+    import sys
+
+    prefix = without_root_powers()
+    if prefix is None:
+        pytest.skip("needs a POSIX user without root's permissions (or setpriv)")
+    for name in ("ok", "locked"):
+        shutil.copytree(base, tmp_path / "runs" / name)
+    (tmp_path / "runs" / "locked").chmod(0)
+    code = ("import json, sys; from cos_core.archive import list_runs; good, bad = list_runs(sys.argv[1]); "
+            "print(json.dumps([[a.path.name for a in good], bad]))")
+    page = ("import json, sys; from streamlit.testing.v1 import AppTest; "
+            "at = AppTest.from_file(sys.argv[1], default_timeout=120).run(); "
+            "print(json.dumps([[str(e.value) for e in at.exception], [e.value for e in at.error], "
+            "list(at.dataframe[0].value['run']) if at.dataframe else []]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COS_RUNS_DIR": str(tmp_path / "runs")}
+    try:
+        out = [subprocess.run([*prefix, sys.executable, "-c", script, str(arg)], capture_output=True, text=True,
+                              timeout=300, cwd=REPO, env=env)
+               for script, arg in ((code, tmp_path / "runs"), (page, REPO / "app.py"))]
+    finally:
+        (tmp_path / "runs" / "locked").chmod(0o755)
+    assert out[0].returncode == 0 and out[1].returncode == 0, out[0].stderr[-2000:] + out[1].stderr[-2000:]
+    good, bad = json.loads(out[0].stdout)
+    assert good == ["ok"] and list(bad) == ["locked"] and "Permission denied" in bad["locked"], (good, bad)
+    exceptions, cards, listed = json.loads(out[1].stdout.strip().splitlines()[-1])
+    assert not exceptions and listed == ["demo"], (exceptions, listed)  # the Overview serves the run it can read
+    assert any("**`locked`**" in card and "Permission denied" in card for card in cards), cards
+
+
+# ---- labels --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data, message", [
+    ({"sample": 0}, "must hold a JSON list of labels, found dict"),
+    (["a label"], "label 0 must be an object"),
+    ([{"sample": "0", "category": "Memory"}], "label 0: sample must be an integer >= 0"),
+    ([{"sample": 0, "step": 1, "note": ["x"]}], "label 0: note must be a string"),
+    ([{"sample": 0, "step": 1, "note": "x" * 3000}], "note must be a string of at most 2000 characters"),
+], ids=["object", "string", "sample-string", "note-list", "note-long"])
+def test_labels_that_are_not_a_list_of_label_objects_are_refused(run, data, message):
+    (run / "annotations.json").write_text(json.dumps(data))
+    refused(lambda: Archive.open(run).annotations(), message)
+
+
+def test_an_over_size_labels_file_is_refused_before_it_is_read(run):
+    with open(run / "annotations.json", "wb") as f:
+        f.truncate(9 * 2**20)
+    refused(lambda: Archive.open(run).annotations(), "is 9437184 bytes, over the 8388608-byte limit")
+
+
+def test_csv_exports_neutralise_formula_prefixes_and_keep_numbers():
+    from cos_core.archive.labels import csv_text
+
+    table = pd.DataFrame({"note": ["=HYPERLINK(\"http://evil\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "fine"],
+                          "score": [-1.5, 2, 3, 4, 5, 6, 7]})
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(csv_text(table), newline="")))
+    assert [r[0] for r in rows[1:]] == ["'=HYPERLINK(\"http://evil\")", "'+1", "'-2+3", "'@SUM(A1)", "'\tx", "'\rx",
+                                        "fine"]
+    assert [r[1] for r in rows[1:]] == ["-1.5", "2.0", "3.0", "4.0", "5.0", "6.0", "7.0"]
 
 
 # ---- capture ---------------------------------------------------------------------------------------------------
@@ -503,7 +949,7 @@ def _deep(run: Path) -> None:
 
 def _oversize(run: Path) -> None:
     with open(run / MANIFEST, "r+b") as f:
-        f.truncate(65 * 2**20)
+        f.truncate(9 * 2**20)
 
 
 def _escaping_manifest(run: Path) -> None:
@@ -520,31 +966,72 @@ BROKEN = {  # run name: (damage to a copy of the base run, what its error card m
     "wrong-types": (lambda r: edit_manifest(r, lambda m: m.update(sites=[])), "'sites' must be an object"),
     "not-json": (lambda r: (r / MANIFEST).write_text("{"), "is not valid JSON"),
     "deep-json": (_deep, "nested too deeply"),
-    "oversize": (_oversize, "over the 67108864-byte limit"),
+    "oversize": (_oversize, "over the 8388608-byte limit"),
     "escaping-manifest": (_escaping_manifest, "manifest.json resolves outside the run directory"),
     "bad-shard-path": (lambda r: edit_manifest(r, lambda m: m["shards"].__setitem__(0, "../x.safetensors")),
                        "shard entry '../x.safetensors' is not allowed"),
     "notes": (lambda r: [p.unlink() if p.is_file() else shutil.rmtree(p) for p in list(r.iterdir())],
               "is not a cos-lab archive"),
+    # fields the reader did not check, each of which crashed the Overview for every run (issue 19)
+    "ensemble-empty": (lambda r: edit_manifest(r, lambda m: m["config"].update(ensemble={})),
+                       "config.ensemble must be null or"),
+    "model-string": (lambda r: edit_manifest(r, lambda m: m.update(model="x")), "'model' must be an object"),
+    "command-int": (lambda r: edit_manifest(r, lambda m: m.update(command=["cos", 1])),
+                    "'command' must be a list of strings"),
+    "decoded-short": (lambda r: edit_manifest(r, lambda m: m["decoded"].update(shape=[2, 8])),
+                      "'decoded' must be null or"),
+    "frames-1e12": (lambda r: edit_manifest(r, lambda m: m["latent"].update(frames=10**12)),
+                    "'latent' must give integers"),
+    "markdown-run-id": (lambda r: edit_manifest(r, lambda m: m.update(run_id=HOSTILE)), "is not allowed"),
+}
+HOSTILE = "x`](https://evil.example) ![](https://evil.example/p.png) :red[alarm]"
+
+
+def _samples_column(run: Path, column: str, values: list) -> None:
+    table = pd.read_parquet(run / SAMPLES)
+    table[column] = values
+    table.to_parquet(run / SAMPLES)
+
+
+# runs whose manifest opens but whose files are hostile: (damage, what the page that reads them must say)
+HOSTILE_FILES = {
+    "fifo-shard": lambda r: ((r / shard_name(1)).unlink(), os.mkfifo(r / shard_name(1))),
+    "string-scores": lambda r: _samples_column(r, "score_correct", ["yes", "no"]),
+    "bad-answer": lambda r: _samples_column(r, "answer", ['{"a": 1}', "{not json"]),
+    "hostile-tables": lambda r: (plant_derived(r, "probe_grid", GRID.assign(accuracy=["high"] * 4)),
+                                 (r / "annotations.json").write_text('{"sample": 0}'),
+                                 (r / "derived" / "step_answers.parquet").symlink_to(r / "gone.parquet"),
+                                 os.mkfifo(r / "derived" / "convergence.parquet")),
+    "bomb": lambda r: ((r / "derived").mkdir(), bomb(r / "derived" / "probe_grid.parquet")),
+    "analysed": lambda r: publish_derived(r, {"probe_grid": GRID, "events": EVENTS}, producer="test"),
 }
 
 
 @pytest.fixture(scope="module")
 def dashboard_runs(base, tmp_path_factory) -> Path:
-    """A runs directory: one good run, one whose sample 1 lies about its dtypes, every BROKEN run, a run linked in
-    from outside, and an unfinished `.partial` run (which must not show at all)."""
+    """A runs directory: one good run, one whose sample 1 lies about its dtypes, every BROKEN run, every HOSTILE_FILES
+    run, a folder whose name is not UTF-8, a run linked in from outside, and an unfinished `.partial` run (which must
+    not show at all)."""
     root = tmp_path_factory.mktemp("dashboard")
     runs = root / "runs"
-    for name in ("good", "bad-dtype", *BROKEN, "unfinished.partial"):
+    for name in ("good", "bad-dtype", *BROKEN, *HOSTILE_FILES, "unfinished.partial"):
         shutil.copytree(base, runs / name)
         edit_manifest(runs / name, lambda m: m.update(run_id=name))
     for name, (damage, _) in BROKEN.items():
+        damage(runs / name)
+    for name, damage in HOSTILE_FILES.items():
         damage(runs / name)
     for key in ("x0_hat", "decoded/x0_hat"):
         rewrite_shard(runs / "bad-dtype", 1, lambda t: t.__setitem__(key, t[key].astype(np.float64)))
     shutil.copytree(base, root / "outside")
     (runs / "linked-outside").symlink_to(root / "outside")
+    shutil.copytree(base, os.fsdecode(os.fsencode(runs) + b"/caf\xe9"))  # not UTF-8
     return runs
+
+
+def literal_in(card: str, text: str) -> bool:
+    """`text` is in `card` inside a markdown code span (shown as it is, not rendered)."""
+    return any(text in part for part in re.findall(r"(`+)(.+?)\1", card) for part in part[1:])
 
 
 @pytest.fixture
@@ -558,14 +1045,18 @@ def app(dashboard_runs, monkeypatch):
 def test_the_overview_shows_every_broken_run_as_an_error_card_and_lists_the_good_ones(app):
     at = app.switch_page("views/overview.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    cards = {name: [e.value for e in at.error if f"**{name}**" in e.value]
-             for name in (*BROKEN, "linked-outside", "unfinished.partial")}
+    cards = {name: [e.value for e in at.error if f"**`{name}`**" in e.value]
+             for name in (*BROKEN, "linked-outside", "unfinished.partial", "caf\\xe9")}
     for name, (_, message) in BROKEN.items():
-        assert len(cards[name]) == 1 and message in cards[name][0], (name, cards[name])
+        assert len(cards[name]) == 1 and literal_in(cards[name][0], message), (name, cards[name])
+    assert literal_in(cards["markdown-run-id"][0], "https://evil.example/p.png"), "a hostile run id was rendered"
     assert len(cards["linked-outside"]) == 1 and "links outside the runs directory" in cards["linked-outside"][0]
+    assert len(cards["caf\\xe9"]) == 1 and "not UTF-8" in cards["caf\\xe9"][0]
     assert not cards["unfinished.partial"], "an unfinished run was shown"
-    assert sorted(at.dataframe[0].value["run"]) == ["bad-dtype", "good"]
-    assert any(f"{len(BROKEN) + 1} run(s) in this directory cannot be read" in w.value for w in at.sidebar.warning)
+    assert sorted(at.dataframe[0].value["run"]) == sorted(["bad-dtype", "good", *HOSTILE_FILES])
+    assert any(f"{len(BROKEN) + 2} run(s) in this directory cannot be read" in w.value for w in at.sidebar.warning)
+    shards = [e.value for e in at.error if e.value.startswith("**fifo-shard**")]
+    assert len(shards) == 1 and "1 of 2 sample shards cannot be read" in shards[0] and "is a FIFO" in shards[0]
 
 
 def test_a_sample_whose_shard_lies_is_an_error_card_while_its_other_sample_and_other_runs_show(app):
@@ -573,9 +1064,59 @@ def test_a_sample_whose_shard_lies_is_an_error_card_while_its_other_sample_and_o
     at = app.switch_page("views/steps.py").run()
     at.sidebar.selectbox(key="sample").set_value(1).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.error and "sample 1: decoded/x0_hat is stored as float64" in at.error[0].value, [e.value for e in at.error]
+    assert at.error and "sample 1: decoded/x0_hat is stored as float64" in at.error[0].value, \
+        [e.value for e in at.error]
     at.sidebar.selectbox(key="sample").set_value(0).run()
     assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
     at.sidebar.selectbox(key="run").set_value("good").run()
     at.sidebar.selectbox(key="sample").set_value(1).run()
     assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
+
+
+def test_a_fifo_shard_is_a_card_on_steps_while_the_other_sample_shows(app):
+    app.query_params["run"] = "fifo-shard"
+    at = app.switch_page("views/steps.py").run()
+    at.sidebar.selectbox(key="sample").set_value(1).run()
+    assert not at.exception and at.error and "is a FIFO, not a regular file" in at.error[0].value
+    at.sidebar.selectbox(key="sample").set_value(0).run()
+    assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
+
+
+def test_a_samples_table_of_the_wrong_kind_is_a_sidebar_card_and_other_runs_still_show(app):
+    app.query_params["run"] = "string-scores"
+    at = app.switch_page("views/steps.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("column 'score_correct' must hold numbers" in e.value for e in at.sidebar.error)
+    assert any("No readable run is selected" in e.value for e in at.error)
+    at.sidebar.selectbox(key="run").set_value("good").run()
+    assert not at.exception and not at.error and at.get("plotly_chart"), [e.value for e in at.error]
+
+
+def test_compare_against_a_run_whose_answers_are_not_json_is_a_card(app):
+    app.query_params["run"] = "good"
+    app.query_params["run_b"] = "bad-answer"
+    at = app.switch_page("views/compare.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.error and "column 'answer' row 1 is not valid JSON" in at.error[0].value
+
+
+@pytest.mark.parametrize("page, run, message", [
+    ("probes", "hostile-tables", "column 'accuracy' must hold numbers"),
+    ("probes", "bomb", "declares 60000000 rows, over the 2000000-row limit"),
+    ("self_correction", "hostile-tables", "must hold a JSON list of labels"),
+    ("steps", "hostile-tables", "derived/step_answers.parquet is missing \\(a dangling symlink\\)"),
+])
+def test_hostile_tables_are_cards_on_the_page_that_reads_them(app, page, run, message):
+    app.query_params["run"] = run
+    at = app.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(re.search(message, e.value) for e in at.error), [e.value for e in at.error]
+    if page == "steps":  # what comes before the broken table still shows
+        assert at.get("plotly_chart")
+
+
+def test_the_same_pages_render_a_run_with_good_tables(app):
+    app.query_params["run"] = "analysed"
+    for page in ("probes", "self_correction"):
+        at = app.switch_page(f"views/{page}.py").run()
+        assert not at.exception and not at.error and at.get("plotly_chart"), (page, [e.value for e in at.error])

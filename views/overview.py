@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from cos_core.archive.labels import csv_text
 from cos_core.archive.runs import RUNS_ENV, dir_size_of, runs_table, shard_problems
 from views import shared
 
@@ -29,21 +30,20 @@ if archives:
     table = runs_table(archives, sizes)
     st.dataframe(table.drop(columns=["bytes"]), hide_index=True, width="stretch",
                  column_config={"command": st.column_config.TextColumn("command", width="large")})
-    st.download_button("⬇ runs (CSV)", data=table.to_csv(index=False), file_name="runs.csv", mime="text/csv",
+    st.download_button("⬇ runs (CSV)", data=csv_text(table), file_name="runs.csv", mime="text/csv",
                        on_click="ignore")
     for archive in archives:
         problems = shared.cached(shard_problems, archive)
         if problems:
             first = next(iter(problems.values()))
             st.error(f"**{archive.path.name}**: {len(problems)} of {archive.n_samples} sample shards cannot be "
-                     f"read (e.g. {first}); the other samples still show.", icon=":material/error:")
+                     f"read (e.g. {shared.literal(first)}); the other samples still show.", icon=":material/error:")
 else:
     st.info(f"No readable runs in `{sel.root}` yet. Make one with\n\n"
             f"`cos capture --task maze --seeds 0,1 --runs-dir {sel.root}`  (the shipped organism), or\n\n"
             f"`cos capture --model tiny:wan22 --decode --runs-dir {sel.root}`  (a tiny random Wan 2.2, no weights).",
             icon=":material/folder_open:")
-for name, message in sel.bad.items():
-    st.error(f"**{name}** cannot be read: {message}", icon=":material/error:")
+shared.run_cards(sel)
 
 st.subheader("Start here (a 20-minute path for a class)")
 st.markdown("Pick a run and a sample in the sidebar, then:")

@@ -25,7 +25,7 @@ with shared.guard():
     metrics = [m for m in ("accuracy", "selectivity", "control_accuracy") if m in table]
     metric = shared.select("metric", metrics, "metric")
     part = table[table["label"].astype(str) == label]
-    st.caption(f"chance for `{label}` (majority class): {part['chance'].mean():.3f}"
+    st.caption(f"chance for {shared.literal(label)} (majority class): {part['chance'].mean():.3f}"
                + (f" · n = {int(part['n'].max())} samples" if "n" in part else "")
                + (f" from {int(part['n_instances'].max())} instances" if "n_instances" in part else ""))
     event = shared.show(plots.probe_heatmap, (part, metric), part, f"{archive.run_id}-probe-{label}-{metric}",

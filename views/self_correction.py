@@ -4,11 +4,11 @@ archive's annotations.json and exportable as CSV."""
 
 import datetime as dt
 
-import pandas as pd
 import streamlit as st
 
 from cos_core import plots
 from cos_core.archive import ArchiveError
+from cos_core.archive.labels import csv_text, labels_table
 from views import shared
 
 CATEGORIES = ("Unknown", "Multi-Path", "Superposition", "Memory", "Self-correction", "Perception Before Action")
@@ -46,7 +46,7 @@ st.caption("The paper's six Chain-of-Steps categories. Labels are saved into the
 try:
     labels = archive.annotations()
 except ArchiveError as err:
-    shared.fail(str(err))
+    shared.fail(shared.literal(err))
 steps = archive.steps["step"].tolist()
 with st.form("label"):
     c1, c2 = st.columns(2)
@@ -55,16 +55,17 @@ with st.form("label"):
     note = st.text_input("note", key="label_note")
     if st.form_submit_button("Save label"):
         row = shared.samples(archive).set_index("sample").loc[sample]
-        labels.append({"sample": int(sample), "sample_id": str(row.get("sample_id", sample)), "category": category,
-                       "step": None if step == "-" else int(step), "note": note,
-                       "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        label = {"sample": int(sample), "sample_id": str(row.get("sample_id", sample)), "category": category,
+                 "step": None if step == "-" else int(step), "note": note,
+                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         try:
-            archive.write_annotations(labels)
+            labels = archive.add_annotation(label)  # under the run's lock: a concurrent save is never lost
             st.success(f"saved: sample {sample} → {category}")
-        except OSError as err:
-            st.error(f"Could not save into {archive.path} ({err}); the runs folder may be read-only here. "
-                     "Download the labels below instead.", icon=":material/error:")
-table = pd.DataFrame(labels, columns=["sample", "sample_id", "category", "step", "note", "created"])
+        except (OSError, ArchiveError) as err:
+            labels = labels + [label]
+            st.error(f"Could not save into {shared.literal(archive.path)} ({shared.literal(err)}); the runs folder "
+                     "may be read-only here. Download the labels below instead.", icon=":material/error:")
+table = labels_table(labels)
 st.dataframe(table, hide_index=True, width="stretch")
-st.download_button("⬇ labels (CSV)", data=table.to_csv(index=False), file_name=f"{archive.run_id}-labels.csv",
+st.download_button("⬇ labels (CSV)", data=csv_text(table), file_name=f"{archive.run_id}-labels.csv",
                    mime="text/csv", on_click="ignore")

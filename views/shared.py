@@ -1,14 +1,16 @@
 """Plumbing every dashboard page shares: the sidebar (runs directory, run, sample), widgets mirrored into the URL,
 cached archive reads keyed by path + manifest mtime, figure + download rendering, and error cards.
 
-Owns the rule that pages see only runs under the configured runs directories, and that expected problems become
-`st.error` + `st.stop()` cards, never tracebacks. Imports streamlit, numpy/pandas and cos_core's torch-free
-modules only (archive, frames, analysis, plots): never torch or diffusers.
+Owns the rule that pages see only runs under the configured runs directories, that a problem of one run is that
+run's error card (`st.error` + `st.stop()`, never a traceback) while the others keep serving, and that text from an
+archive (names, messages, labels) is shown as text, never rendered as markdown (`literal`). Imports streamlit,
+numpy/pandas and cos_core's torch-free modules only (archive, frames, analysis, plots): never torch or diffusers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -20,8 +22,10 @@ import pandas as pd
 import streamlit as st
 
 from cos_core.archive import Archive, ArchiveError, list_runs
-from cos_core.archive.runs import RUNS_ENV, manifest_mtime, run_path, runs_dirs
-from cos_core.archive.schema import DERIVED, DERIVED_DIR, check_derived, check_name
+from cos_core.archive.derived import MissingTable, stamp
+from cos_core.archive.labels import csv_text
+from cos_core.archive.runs import RUNS_ENV, manifest_mtime, printable, run_path, runs_dirs
+from cos_core.archive.schema import DERIVED
 
 APP_DIR = Path(__file__).resolve().parent.parent
 URL_KEYS = "_cos_url_keys"   # session key: the widget keys mirrored into the URL during this run
@@ -44,13 +48,28 @@ def fail(message: str) -> None:
     stop()
 
 
+def literal(text: Any) -> str:
+    """`text` as a markdown code span: shown exactly as it is (no links, images, emphasis, icons or LaTeX from a
+    hostile run id, note or error message), bytes that are not UTF-8 as \\xNN."""
+    text = printable(str(text)).replace("\n", " ")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 @contextmanager
 def guard() -> Iterator[None]:
     """Turn archive problems raised inside the block into an error card."""
     try:
         yield
     except ArchiveError as err:
-        fail(f"This run cannot be shown: {err}")
+        fail(f"This run cannot be shown: {literal(err)}")
+
+
+def run_cards(sel: "Selection") -> None:
+    """One error card per run of the directory that cannot be read (the Overview lists them)."""
+    for name, message in sel.bad.items():
+        st.error(f"**{literal(name)}** cannot be read: {literal(message)}", icon=":material/error:")
 
 
 # ---- widgets mirrored into the URL -------------------------------------------------------------------------
@@ -113,9 +132,10 @@ def roots() -> list[Path]:
 
 
 def _stamp(root: Path) -> tuple:
-    if not root.is_dir():
+    try:
+        return tuple(sorted((printable(c.name), manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
+    except OSError:  # no such folder, or one we may not list (list_runs says so)
         return ()
-    return tuple(sorted((c.name, manifest_mtime(c)) for c in root.iterdir() if c.is_dir()))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -172,22 +192,24 @@ def _cached_call(module: str, name: str, path: str, mtime: int, *args: Any) -> A
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _derived(path: str, mtime: int, name: str, table_mtime: int) -> pd.DataFrame:
+def _derived(path: str, mtime: int, name: str, set_stamp: tuple) -> pd.DataFrame:
     return _open(path, mtime).derived(name)
 
 
 def derived(archive: Archive, name: str, page_what: str) -> pd.DataFrame | None:
-    """The derived table `name` if `cos analyze` wrote it (columns checked), else an explanation and None."""
+    """The derived table `name` if an analysis published it (size, columns and their kinds checked by the reader),
+    else an explanation and None; a table that is there but broken is an error card."""
     spec = DERIVED[name]
-    file = archive.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
-    if not file.is_file():
+    try:
+        return _derived(*key_of(archive), name, stamp(archive.path, name))
+    except MissingTable:
         st.info(f"**Not computed yet for `{archive.run_id}`.** {page_what}\n\nThis view plots "
                 f"`derived/{name}.parquet` ({spec.what}), which `cos analyze` writes into the run. Expected "
                 f"columns: `{'`, `'.join(spec.required)}` (optional: `{'`, `'.join(spec.optional)}`); "
                 "see docs/dashboard.md.", icon=":material/hourglass_empty:")
         return None
-    with guard():
-        return check_derived(name, _derived(*key_of(archive), name, file.stat().st_mtime_ns))
+    except ArchiveError as err:
+        fail(f"`derived/{name}.parquet` of `{archive.run_id}` cannot be shown: {literal(err)}")
 
 
 # ---- the sidebar ---------------------------------------------------------------------------------------------
@@ -225,7 +247,7 @@ def sidebar() -> Selection:
                 labels = {int(r["sample"]): sample_label(r) for _, r in samples.iterrows()}
                 sel.sample = select("sample", list(labels), "sample", format_func=labels.get)
             except ArchiveError as err:
-                st.error(f"`{name}`: {err}", icon=":material/error:")
+                st.error(f"`{name}`: {literal(err)}", icon=":material/error:")
                 sel.archive = sel.sample = None
     st.session_state[SELECTION] = sel
     return sel
@@ -309,6 +331,6 @@ def show(build: Callable[..., Any], args: tuple, data: pd.DataFrame | Callable[[
     left, right, _ = st.columns([1, 1, 3])
     left.download_button("⬇ figure (HTML)", data=lambda: fig.to_html(include_plotlyjs=True), file_name=f"{name}.html",
                          mime="text/html", key=f"html-{name}", on_click="ignore")
-    right.download_button("⬇ data (CSV)", data=lambda: table().to_csv(index=False), file_name=f"{name}.csv",
+    right.download_button("⬇ data (CSV)", data=lambda: csv_text(table()), file_name=f"{name}.csv",
                           mime="text/csv", key=f"csv-{name}", on_click="ignore")
     return event

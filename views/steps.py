@@ -20,7 +20,7 @@ with shared.guard():
     sigma = dict(zip(steps_df["step"], steps_df["sigma"]))
 
     cols = st.columns(4)
-    cols[0].metric("sample", sample, help=str(row.get("sample_id", "")))
+    cols[0].metric("sample", sample, help=shared.literal(row.get("sample_id", "")))
     cols[1].metric("task", str(row.get("task") or "-"))
     cols[2].metric("steps", archive.n_steps)
     if "score_correct" in row and pd.notna(row["score_correct"]):

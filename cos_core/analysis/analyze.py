@@ -154,6 +154,6 @@ def analyze_run(archive: Archive, which: Iterable[str] | None = None, config: An
                 "config": json.loads(json.dumps(asdict(config), default=str)), "command": command}
     for name, table in tables.items():
         table.attrs["cos_config"] = json.dumps({**resolved, "table": name}, sort_keys=True)
-    if write:
-        publish(archive, tables)
+    if write and tables:
+        publish(archive, tables, producer="cos analyze")  # one set: a kill leaves the old one whole
     return tables, {a: r for a, r in reasons.items() if a not in chosen and r is not None}

@@ -1,37 +1,40 @@
 """The lazy, torch-free reader of one complete run: `Archive` (manifest facts, tensors by (site, reduction, layer,
-step), derived tables, annotations), checked against the schema in `schema.py`.
+step), the samples table, derived tables, annotations), checked against the schema in `schema.py`.
 
-Owns every look-up and the checks a read makes (sample ranges, captured layers/steps, each tensor's stored dtype and
-shape against the manifest's promise). Imports numpy, pandas and safetensors only: never torch, diffusers or
-streamlit, so the dashboard reads archives on a machine without a GPU stack. Must not import capture or analysis.
+Owns every look-up and the checks a read makes (sample ranges, captured layers/steps, each shard's identity and
+content checksum, each tensor's stored dtype and shape against the manifest's promise). Imports numpy, pandas,
+safetensors and this package's modules except the writer: never torch, diffusers or streamlit.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pandas as pd
 
+from . import derived, labels
+from .files import fd_path, open_regular
 from .manifest import read_manifest
-from .schema import ANNOTATIONS, DERIVED_DIR, SAMPLES, ArchiveError, act_key, check_name, inside, token_key
-from .writer import atomic_write
-
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-           "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
-           "BOOL": "bool"}  # safetensors header dtype -> numpy name
+from .schema import SAMPLE_KINDS, SAMPLES, ArchiveError, act_key, token_key
+from .shards import DTYPES, check_identity, file_digest
+from .tables import read_parquet
 
 
 class Archive:
     """Lazy, read-only view of one complete run. Opening reads the manifest only; tensors load on demand."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = True):
+        """`verify`: check each shard's content checksum (when the manifest records one) the first time it is read
+        from, and again when the file changes (one streaming pass over the shard)."""
         self.path = Path(path)
         self.manifest = manifest
+        self.verify = verify
+        self._verified: dict[int, tuple[int, int, int]] = {}  # sample -> (inode, size, mtime) of the checked file
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Archive":
@@ -67,13 +70,7 @@ class Archive:
     @cached_property
     def samples(self) -> pd.DataFrame:
         path = self.path / SAMPLES
-        if not path.is_file():
-            raise ArchiveError(f"{self.path}: {SAMPLES} is missing")
-        inside(self.path, path, SAMPLES)
-        try:
-            table = pd.read_parquet(path)
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise ArchiveError(f"{path} cannot be read as parquet: {err}") from None
+        table = read_parquet(self.path, path, SAMPLES, SAMPLE_KINDS)
         if len(table) != self.n_samples:
             raise ArchiveError(f"{path} has {len(table)} rows, the manifest says {self.n_samples} samples")
         if "sample_id" in table and table["sample_id"].duplicated().any():
@@ -97,41 +94,66 @@ class Archive:
         return list(self.site(site)["reductions"])
 
     # ---- tensor look-ups -----------------------------------------------------------------------------------
-    def _shard_path(self, sample: int) -> Path:
+    @contextmanager
+    def _shard(self, sample: int) -> Iterator[tuple[Any, Any]]:
+        """(the open shard file, its safetensors handle) of one sample: a regular file inside the run."""
+        from safetensors import SafetensorError, safe_open
+
         if not isinstance(sample, (int, np.integer)) or not 0 <= sample < self.n_samples:
             raise ArchiveError(f"sample {sample!r} out of range: {self.run_id} has samples 0..{self.n_samples - 1}")
         path = self.path / self.manifest["shards"][int(sample)]
-        if not path.is_file():
-            raise ArchiveError(f"{self.run_id}: shard for sample {sample} is missing ({path.name})")
         if path.is_symlink() and self.path.resolve() not in path.resolve().parents:
             raise ArchiveError(f"{self.run_id}: shard for sample {sample} links outside the run directory "
                                f"({path.resolve()})")
-        return path
+        try:
+            with open_regular(self.path, path, f"shard for sample {sample}") as f:
+                with safe_open(fd_path(f, path), framework="np") as st:
+                    yield f, st
+        except SafetensorError as err:
+            raise ArchiveError(f"{path} is damaged or not a safetensors file: {err}") from None
+        except OSError as err:
+            raise ArchiveError(f"{path} cannot be read: {err.strerror or err}") from None
+        except (TypeError, AttributeError) as err:  # a dtype numpy lacks (bfloat16, float8) under an unknown key
+            raise ArchiveError(f"{path}: a tensor cannot be read as numpy: {err}") from None
+
+    def _check_shard(self, sample: int, f: Any, st: Any) -> None:
+        """The shard says it is this sample, and (first read, or the file changed) its content matches the checksum
+        the manifest records."""
+        where = f"{self.run_id}: shard for sample {sample} ({self.manifest['shards'][sample]})"
+        check_identity(st.metadata(), sample, self._sample_id(sample), where)
+        want = (self.manifest.get("checksums") or [None] * self.n_samples)[sample]
+        if not self.verify or want is None:
+            return
+        info = os.fstat(f.fileno())
+        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+        if self._verified.get(sample) == stamp:
+            return
+        got = file_digest(f)
+        if got != want:
+            raise ArchiveError(f"{where}: its content checksum {got[:19]}… differs from the manifest's "
+                               f"{want[:19]}…: the shard was changed or damaged after capture; re-capture the run")
+        self._verified[sample] = stamp
 
     def read(self, sample: int, key: str, index: tuple | None = None) -> np.ndarray:
         """One tensor of one sample by archive key, optionally sliced lazily (only the slice is read).
 
-        The shard's header must declare the dtype and shape the manifest promises for the key."""
-        from safetensors import SafetensorError, safe_open
-
-        path = self._shard_path(sample)
-        try:
-            with safe_open(str(path), framework="np") as f:
-                if key not in f.keys():
-                    raise ArchiveError(f"{self.run_id}: sample {sample} has no tensor {key!r}")
-                part = f.get_slice(key)
-                stored = (_DTYPES.get(part.get_dtype(), part.get_dtype()), list(part.get_shape()))
+        The shard's header must declare the dtype and shape the manifest promises for the key; the shard must be
+        this sample's, with the content the manifest's checksum says."""
+        with self._shard(sample) as (f, st):
+            if key not in st.keys():
+                raise ArchiveError(f"{self.run_id}: sample {sample} has no tensor {key!r}")
+            try:
+                part = st.get_slice(key)
+                stored = (DTYPES.get(part.get_dtype(), part.get_dtype()), list(part.get_shape()))
                 promised = self._promises.get(key)
                 if promised is not None and stored != promised:
                     raise ArchiveError(f"{self.run_id} sample {sample}: {key} is stored as {stored[0]} "
                                        f"{stored[1]}, the manifest promises {promised[0]} {promised[1]}")
-                return f.get_tensor(key) if index is None else part[index]
-        except SafetensorError as err:
-            raise ArchiveError(f"{path} is damaged or not a safetensors file: {err}") from None
-        except OSError as err:
-            raise ArchiveError(f"{path} cannot be read: {err}") from None
-        except (TypeError, AttributeError) as err:  # a dtype numpy lacks (bfloat16, float8) under an unknown key
-            raise ArchiveError(f"{path}: tensor {key!r} cannot be read as numpy: {err}") from None
+                self._check_shard(sample, f, st)
+                return st.get_tensor(key) if index is None else part[index]
+            except (TypeError, AttributeError) as err:  # a dtype numpy lacks (bfloat16, float8) under an unknown key
+                raise ArchiveError(f"{self.path / self.manifest['shards'][sample]}: tensor {key!r} cannot be read "
+                                   f"as numpy: {err}") from None
 
     @cached_property
     def _promises(self) -> dict[str, tuple[str, list[int]]]:
@@ -154,14 +176,21 @@ class Archive:
         return out
 
     def keys(self, sample: int = 0) -> list[str]:
-        from safetensors import SafetensorError, safe_open
+        with self._shard(sample) as (f, st):
+            check_identity(st.metadata(), sample, self._sample_id(sample), f"{self.run_id}: shard for sample "
+                           f"{sample}")
+            return sorted(st.keys())
 
-        path = self._shard_path(sample)
+    def _sample_id(self, sample: int) -> Any:
+        return self.samples["sample_id"].iloc[sample] if "sample_id" in self.samples else None
+
+    def shard_problem(self, sample: int) -> str | None:
+        """What is wrong with one sample's shard, from its header and metadata (no data read), or None."""
         try:
-            with safe_open(str(path), framework="np") as f:
-                return sorted(f.keys())
-        except SafetensorError as err:
-            raise ArchiveError(f"{path} is damaged or not a safetensors file: {err}") from None
+            self.keys(sample)
+        except ArchiveError as err:
+            return str(err)
+        return None
 
     @staticmethod
     def _position(values: list[int], value: int, what: str) -> int:
@@ -235,42 +264,22 @@ class Archive:
 
     # ---- derived tables and annotations ------------------------------------------------------------------
     def derived_names(self) -> list[str]:
-        folder = self.path / DERIVED_DIR
-        return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+        return derived.derived_names(self.path)
 
     def derived(self, name: str) -> pd.DataFrame:
-        path = self.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
-        if not path.is_file():
-            raise ArchiveError(f"{self.run_id} has no derived table {name!r} (run `cos analyze`); has: "
-                               f"{self.derived_names()}")
-        inside(self.path, path, f"{DERIVED_DIR}/{path.name}")
-        try:
-            return pd.read_parquet(path)
-        except Exception as err:
-            raise ArchiveError(f"{path} cannot be read as parquet: {err}") from None
-
-    def write_derived(self, name: str, table: pd.DataFrame) -> Path:
-        path = self.path / DERIVED_DIR / f"{check_name(name, 'derived table')}.parquet"
-        path.parent.mkdir(exist_ok=True)
-        inside(self.path, path.parent / "x", f"{DERIVED_DIR}/")  # never write through a linked folder
-        return atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+        """A derived table, its size and (for tables the pages plot) columns checked; `derived.MissingTable` when
+        the run has none of that name."""
+        return derived.read_derived(self.path, name)
 
     def annotations(self) -> list[dict[str, Any]]:
-        path = self.path / ANNOTATIONS
-        if not path.is_file():
-            return []
-        inside(self.path, path, ANNOTATIONS)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as err:
-            raise ArchiveError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, list):
-            raise ArchiveError(f"{path} must hold a JSON list of labels")
-        return data
+        return labels.read_labels(self.path)
 
-    def write_annotations(self, labels: list[dict[str, Any]]) -> Path:
-        text = json.dumps(labels, indent=1, sort_keys=True)
-        return atomic_write(self.path / ANNOTATIONS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    def add_annotation(self, label: dict[str, Any]) -> list[dict[str, Any]]:
+        """Append one label under the run's lock (no concurrent save is lost); returns every label now saved."""
+        return labels.add_label(self.path, label)
+
+    def write_annotations(self, rows: list[dict[str, Any]]) -> Path:
+        return labels.write_labels(self.path, rows)
 
     def __repr__(self) -> str:
         return f"Archive({self.run_id!r}, samples={self.n_samples}, steps={self.n_steps}, sites={self.sites})"

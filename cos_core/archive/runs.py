@@ -53,23 +53,35 @@ def manifest_mtime(path: Path) -> int:
         return 0
 
 
+def printable(name: str) -> str:
+    """A file name as text any page or terminal can show: bytes that are not UTF-8 as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def list_runs(runs_dir: str | os.PathLike) -> tuple[list[Archive], dict[str, str]]:
-    """Every complete run under `runs_dir`, and {name: error} for directories that are not readable runs."""
+    """Every complete run under `runs_dir`, and {name: error} for entries that are not readable runs: a problem of
+    one run (an unreadable folder, a name that is not UTF-8, a hostile manifest) never stops the listing."""
     runs_dir = Path(runs_dir)
     good, bad = [], {}
-    if not runs_dir.is_dir():
-        return good, bad
+    try:
+        children = sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []
+    except OSError as err:
+        return good, {printable(runs_dir.name): f"{printable(str(runs_dir))} cannot be listed: {err.strerror}"}
     root = runs_dir.resolve()
-    for child in sorted(runs_dir.iterdir()):
-        if not child.is_dir() or child.name.startswith(".") or child.name.endswith(PARTIAL_SUFFIX):
-            continue
-        if child.is_symlink() and root not in child.resolve().parents:
-            bad[child.name] = f"{child} links outside the runs directory ({child.resolve()}); not followed"
-            continue
+    for child in children:
+        name = printable(child.name)
         try:
+            if not child.is_dir() or child.name.startswith(".") or child.name.endswith(PARTIAL_SUFFIX):
+                continue
+            if name != child.name:
+                raise ArchiveError(f"{printable(str(child))}: the folder name is not UTF-8 text; rename it")
+            if child.is_symlink() and root not in child.resolve().parents:
+                raise ArchiveError(f"{child} links outside the runs directory ({child.resolve()}); not followed")
             good.append(Archive.open(child))
         except ArchiveError as err:
-            bad[child.name] = str(err)
+            bad[name] = printable(str(err))
+        except OSError as err:  # e.g. a folder this process may not enter
+            bad[name] = f"{printable(str(child))} cannot be read: {err.strerror or err}"
     return good, bad
 
 
@@ -98,18 +110,10 @@ def human_size(n: float) -> str:
 
 
 def shard_problems(archive: Archive) -> dict[int, str]:
-    """{sample: message} for shards that are missing or damaged; reads each shard's header only."""
-    from safetensors import SafetensorError, safe_open
-
-    bad = {}
-    for sample, rel in enumerate(archive.manifest["shards"]):
-        path = archive.path / rel
-        try:
-            with safe_open(str(path), framework="np"):
-                pass
-        except (SafetensorError, OSError) as err:
-            bad[sample] = f"{rel}: {err}"
-    return bad
+    """{sample: message} for shards that are missing, not regular files, damaged or another sample's; reads each
+    shard's header only, with the checks every read makes (content checksums are checked when data is read)."""
+    problems = {sample: archive.shard_problem(sample) for sample in range(archive.n_samples)}
+    return {sample: problem for sample, problem in problems.items() if problem}
 
 
 # ---- the runs table ----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ Schema (``SCHEMA_VERSION`` = 1)::
                                    (ranks per video), captured_here, batch_size (items per pipeline call; the
                                    archive is the same for every batch size), batch_forward ("per_item" | "joint")}
       samples.parquet      one row per sample: sample, sample_id, task, instance, seed, prompt, label_*, answer,
-                           score_*, shard
+                           score_*, shard (column kinds: `SAMPLE_KINDS`)
       shards/sample_NNNNNN.safetensors   every tensor of one sample (one work item = instance x seed):
           x_t, v_hat, x0_hat        (tensor step, C, F, H, W)  latent layout, steps = manifest tensors.<name>.steps;
                                     x_t is the latent the model saw (conditioning frames written in), v_hat the
@@ -53,15 +53,38 @@ Schema (``SCHEMA_VERSION`` = 1)::
                                     cached residual (older runs lack the key: nothing was skipped)
           tokens/<site>/L<layer>/S<step>/<branch>  (frame, row, col, d)  full tokens for chosen (layer, step)
           decoded/x0_hat            (decode step, F, H, W, 3) uint8;  decoded/final (F, H, W, 3) uint8
-        safetensors metadata: cos_schema_version, row (JSON sample row), layout (JSON: capture's manifest keys)
-      derived/<name>.parquet   analysis tables the pages plot (their columns: `DERIVED`)
-      annotations.json         manual Chain-of-Steps labels from the dashboard
+        safetensors metadata: cos_schema_version, sample (its index), row (JSON sample row), layout (JSON: capture's
+          manifest keys), content_sha256; the reader refuses a shard whose index or row's sample_id is another
+          sample's (`shards.check_identity`). Older shards lack sample and content_sha256.
+        manifest key checksums (written since checksums exist; older runs lack it and open all the same):
+          ["sha256:<hex>", ...] per shard, over every tensor's name, dtype, shape and bytes in name order
+          (`shards.array_digest` / `file_digest`: independent of header order); a reader checks a shard the first
+          time it reads from it (and again if the file changes).
+      derived/             the analysis tables, published as ONE set (`derived.publish_derived`):
+        manifest.json        {format: 1, set, published, versions, tables {name: {file, rows, bytes, sha256,
+                             producer, config, versions, published}}}
+        <name>.parquet       the tables; those the pages plot have the columns and kinds of `DERIVED`
+        A publish writes every table (new ones, and hard links to the ones it keeps) and the manifest into a hidden
+        ``.derived.tmp-<host>-<pid>-<random>/`` and swaps it with ``derived/`` in one rename (RENAME_EXCHANGE), under
+        the run's ``.derived.lock``: a reader sees the old set or the new one, and checks each table against the
+        manifest's checksum (`derived.read_derived_set` reads several tables of one set). A new analysis publishes
+        ALL its tables in one call:
+            publish_derived(archive, {"my_table": table, "my_table_samples": samples}, producer="cos my-command")
+        (table.attrs["cos_config"], a JSON string, is recorded as that table's config); if a page plots it, add a
+        `DerivedSpec` to `DERIVED` below. Older runs have a derived/ without manifest.json: read table by table;
+        the first publish carries their tables into a set.
+      annotations.json     manual Chain-of-Steps labels from the dashboard (`labels.py`: a list of {sample, sample_id,
+                           category, step, note, created}; saved under the run's ``.annotations.lock``)
 
+Every file is written through a uniquely named temporary sibling (``.<name>.tmp-<host>-<pid>-<random>``), fsynced,
+given mode 0666 minus the umask (0644 usually) and renamed; a temporary is removed by a later writer only when its
+owner process is dead (`files.owner_alive`).
 A run being written lives in ``<run_id>.partial/`` (with ``manifest.partial.json``); finished shards are renamed
 into place, the manifest is written last and the directory renamed, so a reader sees a complete run or none.
-Readers check the schema version and every manifest field's type at open, refuse paths that resolve outside the
-run directory, and check each tensor's header against the dtype and shape the manifest promises; every problem is
-an `ArchiveError` (docs/reliability.md lists the cases).
+Readers check the schema version and every manifest field's type and size at open, refuse paths that resolve
+outside the run directory and files that are not regular files, check each tensor's header against the dtype and
+shape the manifest promises, each table's size and columns before decoding it; every problem is an `ArchiveError`
+(docs/reliability.md lists the cases and the limits).
 Steps count from 0 = noisiest; ``t`` is the scheduler's timestep value, never an index.
 """
 
@@ -80,6 +103,7 @@ SAMPLES = "samples.parquet"
 SHARD_DIR = "shards"
 DERIVED_DIR = "derived"
 ANNOTATIONS = "annotations.json"
+DERIVED_MANIFEST = "manifest.json"  # inside derived/
 STEP_TENSORS = ("x_t", "v_hat", "x0_hat")
 BRANCHES = ("cond", "uncond")
 
@@ -170,17 +194,20 @@ class Manifest:
     config: dict[str, Any] = _key(RUN, UNSET)
     model: dict[str, Any] = _key(RUN, UNSET)
     timing: dict[str, Any] = _key(RUN, UNSET)
+    checksums: list[str] = _key(WRITER, UNSET)
     schema_version: int = field(default=SCHEMA_VERSION, init=False, metadata={"producer": WRITER})
     complete: bool = field(default=True, init=False, metadata={"producer": WRITER})
 
     @classmethod
-    def build(cls, *, run_id: str, n_samples: int, layout: Mapping[str, Any],
-              record: Mapping[str, Any]) -> "Manifest":
+    def build(cls, *, run_id: str, n_samples: int, layout: Mapping[str, Any], record: Mapping[str, Any],
+              checksums: list[str] | None = None) -> "Manifest":
         """The manifest of a finished run: the writer's own keys, capture's `layout` (one sample's, equal for all)
         and the capture run's `record`. ArchiveError names a required key a producer omitted, or a key the schema
         does not give that producer (declare and document it here first)."""
         values: dict[str, Any] = {"run_id": run_id, "n_samples": n_samples,
                                   "shards": [shard_name(i) for i in range(n_samples)]}
+        if checksums is not None:
+            values["checksums"] = list(checksums)
         for producer, part in ((CAPTURE, layout), (RUN, record)):
             own = [f for f in fields(cls) if f.init and f.metadata["producer"] == producer]
             stray = sorted(set(part) - {f.name for f in own})
@@ -201,45 +228,80 @@ class Manifest:
 REQUIRED_KEYS = tuple(f.name for f in fields(Manifest) if f.default is not UNSET)
 
 
-# ---- derived tables: the columns the pages plot (docs/dashboard.md is the long form) ------------------------------
+# ---- tables: the columns pages use, with their kinds (docs/dashboard.md is the long form) --------------------------
+# kinds (checked by `tables.read_parquet` before a page sees a table): "index" integers >= 0, "int" integers, no
+# missing values; "number" integers, floats or booleans (missing allowed); "bool" the same, read as true/false;
+# "text" strings (missing allowed); "json" strings holding JSON. A pattern "score_*" applies to every column it matches.
+SAMPLE_KINDS: dict[str, str] = {"sample": "index", "sample_id": "text", "task": "text", "instance": "text",
+                                "seed": "int", "prompt": "text", "answer": "json", "shard": "text",
+                                "score_*": "number", "label_*": "number"}
+_STEP = {"sigma": "number", "t": "number", "expert": "text"}
+
+
 @dataclass(frozen=True)
 class DerivedSpec:
     required: tuple[str, ...]
     optional: tuple[str, ...]
     what: str
+    kinds: Mapping[str, str] = field(default_factory=dict)  # column -> kind, for every column a page uses
 
 
 DERIVED: dict[str, DerivedSpec] = {
     # written by `cos analyze` (cos_core.analysis): the pages follow its columns
     "step_answers": DerivedSpec(("sample", "step", "correct"), ("answer", "answer_key", "score", "matches_final",
                                                                 "sigma", "expert"),
-                                "the task's answer read from x̂0 at every step, per sample"),
+                                "the task's answer read from x̂0 at every step, per sample",
+                                {"sample": "index", "step": "index", "correct": "bool", "answer": "text",
+                                 "answer_key": "text", "score": "number", "matches_final": "bool", **_STEP}),
     "convergence": DerivedSpec(("sample", "step", "dist_final"), ("dist_final_rel", "scene_dist", "motion_dist",
                                                                  "motion_match", "sigma"),
-                               "distance of each step's x̂0 to the final output, per sample"),
+                               "distance of each step's x̂0 to the final output, per sample",
+                               {"sample": "index", "step": "index", "dist_final": "number", "dist_final_rel": "number",
+                                "scene_dist": "number", "motion_dist": "number", "motion_match": "number", **_STEP}),
     "probe_grid": DerivedSpec(("label", "layer", "step", "accuracy", "chance"),
                               ("ci_low", "ci_high", "selectivity", "selectivity_ci_low", "selectivity_ci_high",
                                "control_accuracy", "chance_uniform", "n", "n_instances", "task", "site",
                                "reduction", "branch", "pool", "frames", "kind", "engine", "sigma", "expert"),
-                              "linear-probe accuracy per (layer, step) cell and label, with chance and selectivity"),
+                              "linear-probe accuracy per (layer, step) cell and label, with chance and selectivity",
+                              {"label": "text", "layer": "int", "step": "index", "accuracy": "number",
+                               "chance": "number", "ci_low": "number", "ci_high": "number", "selectivity": "number",
+                               "selectivity_ci_low": "number", "selectivity_ci_high": "number",
+                               "control_accuracy": "number", "chance_uniform": "number", "n": "int",
+                               "n_instances": "int", "task": "text", "site": "text", "reduction": "text",
+                               "branch": "text", "pool": "text", "frames": "text", "kind": "text", "engine": "text",
+                               **_STEP}),
     "events": DerivedSpec(("sample", "kind", "step"), ("key_before", "key_after", "score_before", "score_after",
                                                       "change_spread", "sigma", "expert", "sample_id", "task"),
                           "step-dynamics events per sample: self_correction, regression, enhancement, emergence, "
-                          "switch"),
+                          "switch",
+                          {"sample": "index", "kind": "text", "step": "index", "key_before": "text",
+                           "key_after": "text", "score_before": "number", "score_after": "number",
+                           "change_spread": "number", "sample_id": "text", "task": "text", **_STEP}),
     "event_rates": DerivedSpec(("kind", "step", "rate"), ("task", "n_events", "n", "n_instances", "ci_low",
                                                          "ci_high", "sigma"),
-                               "per task, event kind and step: the fraction of samples with that event there"),
+                               "per task, event kind and step: the fraction of samples with that event there",
+                               {"kind": "text", "step": "index", "rate": "number", "task": "text",
+                                "n_events": "number", "n": "number", "n_instances": "number", "ci_low": "number",
+                                "ci_high": "number", **_STEP}),
     "memory": DerivedSpec(("step", "frame", "measure", "value"), ("source", "phase", "layer", "ci_low", "ci_high",
                                                                  "chance", "n", "n_instances", "sigma"),
                           "how well the hidden object's identity/position is kept, per step x frame (x̂0) and per "
-                          "layer x step (probes)"),
-    # not written by `cos analyze` yet: the columns the pages will plot (docs/dashboard.md)
+                          "layer x step (probes)",
+                          {"step": "int", "frame": "int", "measure": "text", "value": "number", "source": "text",
+                           "phase": "text", "layer": "number", "ci_low": "number", "ci_high": "number",
+                           "chance": "number", "n": "number", "n_instances": "number", **_STEP}),
     "interventions": DerivedSpec(("kind", "position", "value"), ("metric", "ci_low", "ci_high", "n", "baseline"),
-                                 "noise_step / noise_frame re-scores and layer_swap flip rates"),
+                                 "noise_step / noise_frame re-scores and layer_swap flip rates",
+                                 {"kind": "text", "position": "number", "value": "number", "metric": "text",
+                                  "ci_low": "number", "ci_high": "number", "n": "number", "baseline": "number"}),
     "propagation": DerivedSpec(("inject_step", "measure_step", "dissimilarity"), ("n",),
-                               "1 - linear CKA between clean and perturbed runs, inject step x measure step"),
+                               "1 - linear CKA between clean and perturbed runs, inject step x measure step",
+                               {"inject_step": "int", "measure_step": "int", "dissimilarity": "number",
+                                "n": "number", "layer": "int"}),
     "ensemble": DerivedSpec(("method", "k", "n", "accuracy"), ("ci_low", "ci_high", "n_instances"),
-                            "latent-ensemble accuracy over merge steps K and seeds n, with the noise-mean control"),
+                            "latent-ensemble accuracy over merge steps K and seeds n, with the noise-mean control",
+                            {"method": "text", "k": "int", "n": "int", "accuracy": "number", "ci_low": "number",
+                             "ci_high": "number", "n_instances": "number"}),
 }
 
 

@@ -1,8 +1,8 @@
 """Writing a run archive atomically and resumably: the ``<run_id>.partial`` directory, shard writes (temp file,
 fsync, rename), resume checks, the final publish (samples table, the `Manifest` built from its producers' parts and
-written last, directory rename) and `atomic_write`. Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs
+written last, directory rename). Test-only crash hook: ``COS_FAULT_POINT=<point>[@<n>]`` SIGKILLs
 the process at the n-th arrival at one of `FAULT_POINTS` (docs/reliability.md); unset, each costs one look-up.
-Imports numpy/pandas/safetensors and `schema`/`manifest` only: never the reader, capture or torch.
+Imports numpy/pandas/safetensors and `schema`/`manifest`/`files`/`shards` only: never the reader, capture or torch.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -18,16 +19,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .files import atomic_write, fsync_dir, io_error, is_temp, remove_stale, temp_path
 from .manifest import read_manifest
 from .schema import (MANIFEST, PARTIAL_MANIFEST, PARTIAL_SUFFIX, SAMPLES, SCHEMA_VERSION, SHARD_DIR, ArchiveError,
                      Manifest, check_name, shard_name)
+from .shards import META_DIGEST, META_ROW, META_SAMPLE, array_digest, shard_row
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "COS_FAULT_POINT"
 FAULT_POINTS = ("create", "shard.tmp", "shard.done", "samples.tmp", "samples.done", "manifest.tmp", "manifest.done",
                 "publish.before_rename", "publish.done")
+DERIVED_POINTS = ("derived.written", "derived.swapped")  # in `derived.publish_derived`: new set complete / swapped in
 _FAULT = os.environ.get(FAULT_ENV) or None  # "<point>[@<n>]"; a harness may also set it on this module
 _ARRIVALS: dict[str, int] = {}
+_SHARD_FILE = re.compile(r"^sample_(\d{6})\.safetensors$")
 
 
 def _fault(point: str) -> None:
@@ -40,14 +45,6 @@ def _fault(point: str) -> None:
 
 class RunExistsError(ArchiveError):
     """A complete run with this id is already there; it is never overwritten."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RunWriter:
@@ -84,8 +81,10 @@ class RunWriter:
 
     def _create(self) -> None:
         """Build the partial directory under a hidden temporary name and rename it, so that a `<run>.partial`
-        always holds its resume key (a kill here leaves only a hidden `.<run>.partial.tmp-<pid>`)."""
-        tmp = self.runs_dir / f".{self.partial_dir.name}.tmp-{os.getpid()}"
+        always holds its resume key (a kill here leaves only a hidden `.<run>.partial.tmp-<host>-<pid>-<random>`,
+        which the next run removes)."""
+        remove_stale(self.runs_dir, prefix=f".{self.partial_dir.name}.")  # a killed creator's hidden folder
+        tmp = temp_path(self.partial_dir)
         body = {"schema_version": SCHEMA_VERSION, "run_id": self.run_id, "resume_key": self.resume_key}
         try:
             (tmp / SHARD_DIR).mkdir(parents=True)
@@ -95,13 +94,14 @@ class RunWriter:
             os.rename(tmp, self.partial_dir)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ArchiveError(f"cannot create the run directory {self.partial_dir}: {err.strerror}") from None
+            raise ArchiveError(f"cannot create the run directory {self.partial_dir}: {err.strerror} (choose a "
+                               "writable --runs-dir)") from None
 
     def _publish_interrupted(self) -> None:
         """A run killed between removing its resume key and its final rename is complete: finish the rename."""
         read_manifest(self.partial_dir)
         os.replace(self.partial_dir, self.final_dir)
-        _fsync_dir(self.runs_dir)
+        fsync_dir(self.runs_dir)
         raise RunExistsError(f"a complete run already exists at {self.final_dir} (its capture was interrupted while "
                              "publishing, which has now finished); choose another --run-id")
 
@@ -118,8 +118,8 @@ class RunWriter:
             raise ArchiveError(f"cannot resume {self.partial_dir}: it was started with a different configuration "
                                f"(differs in: {', '.join(diff[:8])}); use another --run-id or delete it")
         for folder in (self.partial_dir, self.partial_dir / SHARD_DIR) if clean else ():
-            for stale in folder.glob(".*.tmp-*"):
-                stale.unlink()  # a shard, samples table or manifest that was being written when the run was killed
+            for stale in remove_stale(folder):  # of a killed writer; never a live process's
+                log.info("removed %s, left by a writer that is gone", stale)
         log.info("resuming %s: %d finished samples", self.partial_dir, len(self.finished()))
 
     # ---- shards ------------------------------------------------------------------------------------------
@@ -127,12 +127,22 @@ class RunWriter:
         return self.partial_dir / shard_name(sample)
 
     def finished(self) -> set[int]:
-        names = (self.partial_dir / SHARD_DIR).glob("sample_*.safetensors")
-        return {int(p.stem.split("_")[1]) for p in names}
+        """The samples whose shard is written. A file in shards/ that is neither a shard nor a hidden temporary is
+        refused by name (it would be published inside the run)."""
+        out = set()
+        for path in (self.partial_dir / SHARD_DIR).iterdir():
+            match = _SHARD_FILE.match(path.name)
+            if match:
+                out.add(int(match[1]))
+            elif not path.name.startswith("."):
+                raise ArchiveError(f"{path} is not a shard name cos-lab writes (sample_NNNNNN.safetensors); move it "
+                                   "out of the run and rerun the same command to resume")
+        return out
 
     def write_sample(self, sample: int, tensors: dict[str, np.ndarray], row: dict[str, Any],
                      layout: dict[str, Any]) -> Path:
         """Write one sample's shard atomically. A finished shard is never rewritten."""
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         path = self.shard_path(sample)
@@ -140,24 +150,39 @@ class RunWriter:
             raise ArchiveError(f"sample {sample} of {self.run_id} is already written; finished shards are final")
         bad = [k for k, v in tensors.items() if not isinstance(v, np.ndarray)]
         assert not bad, f"write_sample needs numpy arrays, got other types for {bad}"
-        meta = {"cos_schema_version": str(SCHEMA_VERSION), "row": json.dumps(row, sort_keys=True),
-                "layout": json.dumps(layout, sort_keys=True)}
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        meta = {"cos_schema_version": str(SCHEMA_VERSION), META_SAMPLE: str(sample),
+                META_ROW: json.dumps(row, sort_keys=True), "layout": json.dumps(layout, sort_keys=True),
+                META_DIGEST: array_digest(tensors)}
 
         def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp), metadata=meta)
+            try:
+                save_file(tensors, str(tmp), metadata=meta)
+            except SafetensorError as err:  # a full disk arrives as a SafetensorError
+                raise io_error(err, path) from None
             if _FAULT: _fault("shard.tmp")
 
         atomic_write(path, write)
         if _FAULT: _fault("shard.done")
         return path
 
-    def _shard_meta(self, sample: int) -> tuple[dict, dict]:
-        from safetensors import safe_open
+    def _shard_meta(self, sample: int) -> tuple[dict, dict, str | None]:
+        """(row, layout, content checksum or None) of a finished shard; ArchiveError naming a damaged one."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self.shard_path(sample)), framework="np") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta["row"]), json.loads(meta["layout"])
+        path = self.shard_path(sample)
+        fix = "delete it and rerun the same command to capture that sample again"
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+            layout = json.loads(meta["layout"])
+        except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as err:
+            raise ArchiveError(f"{path} is damaged or not a cos-lab shard ({type(err).__name__}: {err}); {fix}") \
+                from None
+        said = meta.get(META_SAMPLE)
+        if said is not None and said != str(sample):
+            raise ArchiveError(f"{path} holds sample {said}, not {sample} (renamed by hand?); {fix}")
+        return shard_row(meta, str(path)), layout, meta.get(META_DIGEST)
 
     # ---- publish -----------------------------------------------------------------------------------------
     def finalize(self, n_samples: int, record: dict[str, Any]) -> Path:
@@ -169,19 +194,23 @@ class RunWriter:
         missing = sorted(set(range(n_samples)) - self.finished())
         if missing:
             raise ArchiveError(f"cannot finalize {self.run_id}: samples {missing[:10]} not written yet")
-        rows, layout = [], None
+        self._clear_temps()
+        rows, layout, sums = [], None, []
         for i in range(n_samples):
-            row, this_layout = self._shard_meta(i)
+            row, this_layout, digest = self._shard_meta(i)
+            sums.append(digest)
             if layout is None:
                 layout = this_layout
             elif this_layout != layout:
                 raise ArchiveError(f"sample {i} of {self.run_id} was captured with a different layout than sample "
                                    "0 (selection or shapes changed between work items)")
             rows.append({**row, "sample": i, "shard": shard_name(i)})
-        manifest = Manifest.build(run_id=self.run_id, n_samples=n_samples, layout=layout or {}, record=record)
+        manifest = Manifest.build(run_id=self.run_id, n_samples=n_samples, layout=layout or {}, record=record,
+                                  checksums=sums if None not in sums else None)
         table = pd.DataFrame(rows)
         if "sample_id" in table and table["sample_id"].duplicated().any():
-            raise ArchiveError(f"duplicate sample_id in {self.run_id}: {table['sample_id'][table['sample_id'].duplicated()].tolist()[:5]}")
+            dup = table["sample_id"][table["sample_id"].duplicated()].tolist()[:5]
+            raise ArchiveError(f"duplicate sample_id in {self.run_id}: {dup}")
         def write_samples(tmp: Path) -> None:
             table.to_parquet(tmp, index=False)
             if _FAULT: _fault("samples.tmp")
@@ -198,12 +227,23 @@ class RunWriter:
         if _FAULT: _fault("manifest.done")
         read_manifest(self.partial_dir)  # what we publish must pass our own reader
         (self.partial_dir / PARTIAL_MANIFEST).unlink()
-        _fsync_dir(self.partial_dir)
+        fsync_dir(self.partial_dir)
         if _FAULT: _fault("publish.before_rename")
         os.replace(self.partial_dir, self.final_dir)
         if _FAULT: _fault("publish.done")
-        _fsync_dir(self.runs_dir)
+        fsync_dir(self.runs_dir)
         return self.final_dir
+
+    def _clear_temps(self) -> None:
+        """Before publishing: temporaries of dead writers go; one a live process may still write stops the publish
+        (the final rename would carry it into the run)."""
+        for folder in (self.partial_dir, self.partial_dir / SHARD_DIR):
+            remove_stale(folder)
+            live = sorted(p.name for p in folder.iterdir() if is_temp(p.name))
+            if live:
+                raise ArchiveError(f"cannot finalize {self.run_id}: {folder} holds {live[:3]}, written by a process "
+                                   "that is still running (another capture of this run?); let it end, or delete "
+                                   "those files if no process writes them, and rerun")
 
     def abandon(self) -> None:
         """Delete the partial directory (used by tests and by `--restart`)."""
@@ -230,17 +270,3 @@ def _json_default(value: Any) -> Any:
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable in a manifest")
 
-
-def atomic_write(path: Path, write) -> Path:
-    """Write through a temporary sibling, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
              "seconds": round(seconds, 3)}
     for table in tables.values():
         table.attrs["cos_config"] = json.dumps({**json.loads(table.attrs["cos_config"]), **extra}, sort_keys=True)
-    publish(archive, tables)  # all computed: now write
+    publish(archive, tables, producer="cos intervene")  # all computed: now publish, as one set
     summary = {"run": str(archive.path), "written": {name: len(t) for name, t in tables.items()},
                "seconds": round(seconds, 1), "device": device}
     if "interventions" in tables:

@@ -1,14 +1,16 @@
 """The `cos` command: `cos capture | train | analyze | intervene | patch | ensemble | search | steps | report`, one
 module of this package each.
 
-Owns only dispatch and error reporting: a ValueError from the library (bad input) becomes a one-line message and
-exit code 2, never a traceback. A subcommand module has `add_arguments(parser)` and `run(args) -> int`; it is
-imported when the parser is built, its library imports stay inside `run`. Nothing outside `cli` imports this.
+Owns only dispatch and error reporting: a ValueError from the library (bad input, a damaged archive) and an OSError
+(a full disk, a read-only folder, a file where a folder belongs) become one line naming the file and the fix, exit
+code 2, never a traceback (the library leaves finished work in place). A subcommand module has `add_arguments(parser)`
+and `run(args) -> int`, imported when the parser is built, library imports inside `run`. Only `cli` imports this.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -52,5 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except ValueError as err:  # bad input: say what is wrong, no traceback
-        print(f"cos {args.command}: error: {err}", file=sys.stderr)
+        print(f"cos {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine said no: name the file and what to do
+        print(f"cos {args.command}: error: {_one_line(os_problem(err))}", file=sys.stderr)
+        return 2
+
+
+# errno -> what to do about it
+FIXES = {errno.ENOSPC: "the disk is full: free space (or choose another --runs-dir) and rerun the same command; "
+                       "finished work is kept and resumed",
+         errno.EDQUOT: "the disk quota is exceeded: free space and rerun the same command; finished work is kept",
+         errno.EROFS: "the file system is read-only: choose a writable --runs-dir, or work on a writable copy of the "
+                      "run",
+         errno.EACCES: "permission denied: choose a folder you can write (--runs-dir) or fix its permissions",
+         errno.EPERM: "not permitted: choose a folder you own (--runs-dir) or fix its permissions",
+         errno.ENOTDIR: "a file stands where a folder belongs: move it away",
+         errno.EISDIR: "a folder stands where a file belongs: move it away",
+         errno.EEXIST: "it already exists: move it away or choose another name",
+         errno.ENOENT: "no such file or folder: check the path"}
+
+
+def os_problem(err: OSError) -> str:
+    """`<file>: <what the system said> (<what to do>)`."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}" + (f" ({FIXES[err.errno]})" if err.errno in FIXES else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"command": command(args, "patch"), "device": device, "dtype": args.dtype, "seconds": seconds}
     for table in tables.values():
         table.attrs["cos_config"] = json.dumps({**json.loads(table.attrs["cos_config"]), **extra}, sort_keys=True)
-    publish(archive, tables)
+    publish(archive, tables, producer="cos patch")
     summary = tables["patching"]
     significant = summary[summary["significant"] & (summary["null"] != "self")]
     print(json.dumps({"run": str(archive.path), "written": {name: len(t) for name, t in tables.items()},

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"command": command(args, "search"), "device": device, "dtype": args.dtype, "seconds": seconds}
     for name, frame in ((TABLE, table), (SAMPLES_TABLE, samples)):
         frame.attrs["cos_config"] = config_json(config, replay, steps, table=name, **extra)
-    publish(archive, {TABLE: table, SAMPLES_TABLE: samples})
+    publish(archive, {TABLE: table, SAMPLES_TABLE: samples}, producer="cos search")
     single = table[table["method"] == "single"]["accuracy"]
     print(json.dumps({"run": str(archive.path), "written": {TABLE: len(table), SAMPLES_TABLE: len(samples)},
                       "task": replay.task.name, "steps": steps, "n_instances": int(table["n_instances"].max()),

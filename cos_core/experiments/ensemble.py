@@ -257,5 +257,5 @@ def ensemble_run(archive: Any, config: EnsembleConfig = EnsembleConfig(), *, dev
     for name, frame in ((TABLE, table), (SAMPLES_TABLE, samples)):
         frame.attrs["cos_config"] = json.dumps({**record, "table": name}, sort_keys=True, default=str)
     if write:
-        publish(archive, {TABLE: table, SAMPLES_TABLE: samples})
+        publish(archive, {TABLE: table, SAMPLES_TABLE: samples}, producer="cos ensemble")
     return table, samples
