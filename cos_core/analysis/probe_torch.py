@@ -138,15 +138,20 @@ def fold_kernels(x, layout: FoldLayout, dev: torch.device,
     gram = z @ z.mT  # (cell, sample, sample)
     del x, z
     w, m_f, tr_idx = layout.w, layout.m_f, layout.tr_idx
-    ww = w[:, :, None] * w[:, None, :]  # (fold, m, m) training pairs
-    gtt = gram[:, tr_idx[:, :, None], tr_idx[:, None, :]].mul_(ww)  # (c, f, m, m)
-    gte = gram[:, layout.te_idx[:, :, None], tr_idx[:, None, :]].mul_(w[:, None, :])  # (c, f, q, m)
+    gtt = gram[:, tr_idx[:, :, None], tr_idx[:, None, :]]  # (c, f, m, m)
+    gte = gram[:, layout.te_idx[:, :, None], tr_idx[:, None, :]]  # (c, f, q, m)
     del gram
+    if not bool(w.all()):  # folds of unequal size: zero the padding
+        gtt.mul_(w[:, :, None] * w[:, None, :])
+        gte.mul_(w[:, None, :])
     r_tr = gtt.sum(-1) / m_f[:, None]  # (c, f, m) training-row means
-    mu = (r_tr * w).sum(-1) / m_f  # (c, f)
-    gtt.sub_(r_tr[..., :, None]).sub_(r_tr[..., None, :]).add_(mu[..., None, None]).mul_(ww)
-    gte.sub_((gte.sum(-1) / m_f[:, None])[..., None]).sub_(r_tr[..., None, :]).add_(mu[..., None, None])
-    return gtt, gte.mul_(w[:, None, :])
+    mu = (r_tr * w).sum(-1, keepdim=True) / m_f[:, None]  # (c, f, 1)
+    h, ones = (r_tr - 0.5 * mu) * w, w.expand_as(r_tr)  # centring = two rank-one updates, in place
+    gtt.flatten(0, 1).baddbmm_(torch.stack([-h, -ones], -1).flatten(0, 1), torch.stack([ones, h], -2).flatten(0, 1))
+    s_te = gte.sum(-1) / m_f[:, None]  # (c, f, q) test-row means over the training columns
+    gte.flatten(0, 1).baddbmm_(torch.stack([mu - s_te, torch.ones_like(s_te)], -1).flatten(0, 1),
+                               torch.stack([ones, -r_tr * w], -2).flatten(0, 1))
+    return gtt, gte
 
 
 def fit_predict_torch(X, targets: np.ndarray, n_classes: np.ndarray, folds: np.ndarray, present: np.ndarray, *,
@@ -199,7 +204,7 @@ def _tick(dev: torch.device) -> float:
 
 def solve_ridge(system, inv, layout: FoldLayout):
     """Closed form on centred +-1 targets, refined twice against the exact system (float32 inverse). Coefficients
-    (c, f, t, k, m) and biases (c, f, t, k); the system and its inverse are symmetric, so rows multiply from the left."""
+    (c, f, t, k, m) and biases (c, f, t, k); the system and its inverse are symmetric: rows multiply from the left."""
     onehot, w = layout.onehot, layout.w[:, None, None, :]
     signs = (2 * onehot - 1) * w  # (f, t, k, m)
     mean = signs.sum(-1) / layout.m_f[:, None, None]  # (f, t, k)
