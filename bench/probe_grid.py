@@ -99,7 +99,8 @@ def engine_work(grid: ProbeGrid, n_targets: int, kind: str) -> dict:
     if kind == "ridge":  # one product with the inverse, then two refinements of two products each
         products = 5 * cells * grid.n_folds_
     else:  # every iteration: one product with the inverse, one with the system
-        products = 2 * grid.n_folds_ * sum(c * loops for c, loops in zip(chunk_cells, grid.timings_["loops"]))
+        iterations = grid.timings_["iterations_per_chunk"]
+        products = 2 * grid.n_folds_ * sum(c * i for c, i in zip(chunk_cells, iterations))
     return {"gram_flop": 2.0 * cells * n * n * d,
             "inverse_flop": 1.0 * cells * grid.n_folds_ * m**3,  # Cholesky, triangular inverse, product: ~m^3
             "solve_flop": 2.0 * m * m * tk * products, "solve_matrix_bytes": 4.0 * m * m * products,
@@ -203,7 +204,9 @@ def main() -> None:
             "cells": subset.tolist(), "torch_accuracy": grid.accuracy_[subset, 0].tolist(),
             "sklearn_accuracy": ref.accuracy_[:, 0].tolist(), "max_abs_diff_points": float(diff.max()),
             "mean_abs_diff_points": float(diff.mean()), "control_max_abs_diff_points": float(ctrl.max())}
-        result["speedup"][key] = {"vs_sklearn_all_cores": whole_s / timing["median_s"]}
+        result["speedup"][key] = {"vs_sklearn_all_cores": whole_s / timing["median_s"],  # both: whole ProbeGrid.fit
+                                  "engine_only_vs_sklearn_all_cores":  # the torch engine's fit_s, nothing around it
+                                      whole_s / timing["timings_median_run"]["fit_s"]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))  # after each kind: partial results survive a timeout
         report(key, timing, result["sklearn_engine"][key], result["speedup"][key], diff, ctrl)
@@ -215,8 +218,9 @@ def report(key, timing, ref, speedup, diff, ctrl) -> None:
           f"{t['gram_s']:.2f} inverse {t['inverse_s']:.2f} solve {t['solve_s']:.2f} outside the engine "
           f"{timing['outside_engine_s']:.2f}; iterations max {timing['n_iter_max']}); scikit-learn, {ref['n_jobs']} "
           f"workers: {ref['parallel_s']:.1f} s for {ref['cells']} cells, {ref['whole_grid_s']:.1f} s for the grid; "
-          f"x{speedup['vs_sklearn_all_cores']:.1f}; accuracy max diff {diff.max():.2f} points (control "
-          f"{ctrl.max():.2f}); fraction of peak { {k: round(v, 3) for k, v in timing['fraction_of_peak'].items()} }",
+          f"x{speedup['vs_sklearn_all_cores']:.1f} (engine alone x{speedup['engine_only_vs_sklearn_all_cores']:.1f});"
+          f" accuracy max diff {diff.max():.2f} points (control {ctrl.max():.2f}); fraction of peak "
+          f"{ {k: round(v, 3) for k, v in timing['fraction_of_peak'].items()} }",
           flush=True)
 
 

@@ -120,13 +120,13 @@ def _sklearn_optima(dim, alpha):
 
 
 @pytest.mark.parametrize("dim,alpha", [(20, 0.01), (300, 0.1), (300, 0.01)])
-@pytest.mark.parametrize("dtype,rel_gap", [(torch.float64, 1e-5), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("dtype,rel_gap", [(torch.float64, 1e-5), (torch.float32, 5e-4)])
 def test_logistic_solver_reaches_the_optimum(dim, alpha, dtype, rel_gap):
     """Every (fold, target) problem of the dual solver ends at scikit-learn's optimum: folds of unequal size
     (padding), a class absent from a training part, 4 classes and 2, fewer and more features than samples (a Gram
     matrix with a null space, and one without). float64 shows the method is exact; float32 (what the engine runs)
-    loses a little to rounding where the classes are nearly separable (scikit-learn's default tol 1e-4 stops up to
-    5e-4 away on these problems)."""
+    loses up to ~1e-4 to rounding where the classes are nearly separable, and must stay as close as scikit-learn's
+    default tol (1e-4) gets on these problems (up to 5e-4 above the optimum)."""
     x, folds, targets, present = _optimum_problems(dim)
     layout = fold_layout(folds, targets, present, torch.device("cpu"))
     layout = layout._replace(onehot=layout.onehot.to(dtype), w=layout.w.to(dtype), m_f=layout.m_f.to(dtype))

@@ -116,6 +116,7 @@ class FoldLayout(NamedTuple):
 
 
 def fold_layout(folds: np.ndarray, targets: np.ndarray, present: np.ndarray, dev: torch.device) -> FoldLayout:
+    """folds (sample,), targets (target, sample) class indices, present (target, fold, class) -> `FoldLayout`."""
     n_folds, k_max = present.shape[1:]
     train = [np.flatnonzero(folds != f) for f in range(n_folds)]
     test = [np.flatnonzero(folds == f) for f in range(n_folds)]
@@ -165,7 +166,7 @@ def fit_predict_torch(X, targets: np.ndarray, n_classes: np.ndarray, folds: np.n
     pred = np.empty((n_cells, n_targets, n), dtype=np.int64)
     n_iter = np.zeros(n_cells, dtype=np.int64)
     converged = np.ones(n_cells, dtype=bool)
-    timings = {"gram_s": 0.0, "inverse_s": 0.0, "solve_s": 0.0, "loops": []}
+    timings = {"gram_s": 0.0, "inverse_s": 0.0, "solve_s": 0.0, "iterations_per_chunk": []}
     for c0 in range(0, n_cells, chunk):
         c1 = min(n_cells, c0 + chunk)
         t0 = _tick(dev)
@@ -191,7 +192,7 @@ def fit_predict_torch(X, targets: np.ndarray, n_classes: np.ndarray, folds: np.n
         timings["gram_s"] += t1 - t0
         timings["inverse_s"] += t2 - t1
         timings["solve_s"] += t3 - t2
-        timings["loops"].append(loops)
+        timings["iterations_per_chunk"].append(loops)
     timings.update(device=str(dev), chunk_cells=chunk)
     return pred, n_iter, converged, timings
 
