@@ -4,13 +4,16 @@ friendly control drives selectivity to zero, the batched torch engine agrees wit
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from cos_core.analysis.features import FeatureSpec, reduce_frames
-from cos_core.analysis.probe_torch import spd_inverse
-from cos_core.analysis.probes import ProbeGrid, control_labels, group_folds, majority_predictions
+from cos_core.analysis.probe_torch import _inverse, fold_kernels, fold_layout, solve_logistic, spd_inverse
+from cos_core.analysis.probes import ProbeGrid, control_labels, fold_class_mask, group_folds, majority_predictions
+from cos_core.analysis.stats import standardize
 
 
 def planted(strengths, n_inst=60, seeds=3, dim=32, classes=3, inst_scale=0.5, seed=0):
@@ -63,6 +66,84 @@ def test_engines_agree_within_one_point(kind):
     assert np.abs(fast.accuracy_ - ref.accuracy_).max() <= 0.01
     assert np.abs(fast.control_accuracy_ - ref.control_accuracy_).max() <= 0.01
     assert np.array_equal(fast.folds_, ref.folds_) and np.array_equal(fast.chance_, ref.chance_)
+
+
+def test_logistic_engines_agree_on_every_cell_of_a_planted_grid():
+    """More features than training samples (the dual's regime), signal from none to strong, 4 classes, a binary label
+    and the controls, the default alpha: every cell's held-out accuracy within 1 point of scikit-learn's (with its
+    default tol; `test_logistic_solver_reaches_the_optimum` covers smaller alpha against a converged reference)."""
+    x, y, group = planted(np.linspace(0.0, 2.0, 4), n_inst=60, seeds=3, dim=240, classes=4, seed=3)
+    labels = {"y": y, "binary": (y < 2).astype(int)}
+    fast = ProbeGrid(engine="torch", device="cpu").fit(x, labels, group)
+    ref = ProbeGrid(engine="sklearn").fit(x, labels, group)
+    assert fast.converged_.all() and ref.converged_.all()
+    assert np.abs(fast.accuracy_ - ref.accuracy_).max() <= 0.01
+    assert np.abs(fast.control_accuracy_ - ref.control_accuracy_).max() <= 0.01
+    assert fast.accuracy_[-1, 0] > 0.9 and fast.accuracy_[0, 0] < 0.4  # the grid spans chance to strong
+
+
+def _multinomial_objective(z, y, weights, bias, alpha):
+    """Mean cross-entropy + alpha/2 |W|^2 in float64; weights (d, class), classes numbered as in y."""
+    logits = z @ weights + bias
+    logits -= logits.max(1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return -log_p[np.arange(len(y)), y].mean() + alpha / 2 * (weights ** 2).sum()
+
+
+def _optimum_problems(dim):
+    """Planted data, 4 folds of 8, 8, 7, 7 instances and three targets (4 classes; 2; one with class 3 only in fold 0,
+    so absent from that fold's training part)."""
+    x, y, group = planted([0.6], n_inst=30, seeds=3, dim=dim, classes=4, seed=5)
+    folds = group_folds(group, y, 4, np.random.default_rng(0))
+    targets = np.stack([y, (y == 1).astype(int), np.where(folds == 0, 3, np.minimum(y, 2))])
+    return x, folds, targets, fold_class_mask(targets, np.array([4, 2, 4]), folds, 4)
+
+
+@functools.cache
+def _sklearn_optima(dim, alpha):
+    """{(fold, target): the objective at scikit-learn's optimum found with tol 1e-10}."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, folds, targets, present = _optimum_problems(dim)
+    z, best = standardize(x[0]), {}
+    for f in range(4):
+        for t, target in enumerate(targets):
+            classes = np.flatnonzero(present[t, f])
+            zt, yt = z[folds != f], np.searchsorted(classes, target[folds != f])
+            c = (2.0 if len(classes) == 2 else 1.0) / (alpha * len(yt))
+            model = LogisticRegression(C=c, tol=1e-10, max_iter=100000).fit(zt, yt)
+            w_ref, b_ref = model.coef_.T, model.intercept_
+            if len(classes) == 2:  # one weight vector for two classes: split it symmetrically
+                w_ref, b_ref = np.hstack([-w_ref / 2, w_ref / 2]), np.array([-b_ref[0] / 2, b_ref[0] / 2])
+            best[f, t] = _multinomial_objective(zt, yt, w_ref, b_ref, alpha)
+    return best
+
+
+@pytest.mark.parametrize("dim,alpha", [(20, 0.01), (300, 0.1), (300, 0.01)])
+@pytest.mark.parametrize("dtype,rel_gap", [(torch.float64, 1e-5), (torch.float32, 5e-4)])
+def test_logistic_solver_reaches_the_optimum(dim, alpha, dtype, rel_gap):
+    """Every (fold, target) problem of the dual solver ends at scikit-learn's optimum: folds of unequal size
+    (padding), a class absent from a training part, 4 classes and 2, fewer and more features than samples (a Gram
+    matrix with a null space, and one without). float64 shows the method is exact; float32 (what the engine runs)
+    loses up to ~1e-4 to rounding where the classes are nearly separable, and must stay as close as scikit-learn's
+    default tol (1e-4) gets on these problems (up to 5e-4 above the optimum)."""
+    x, folds, targets, present = _optimum_problems(dim)
+    layout = fold_layout(folds, targets, present, torch.device("cpu"))
+    layout = layout._replace(onehot=layout.onehot.to(dtype), w=layout.w.to(dtype), m_f=layout.m_f.to(dtype))
+    system, _ = fold_kernels(x, layout, torch.device("cpu"), dtype)
+    reg = 2 * alpha * layout.m_f
+    system.diagonal(dim1=-2, dim2=-1).add_(reg[:, None])
+    coef, bias, _, converged, _ = solve_logistic(system, reg, _inverse(system), layout, alpha, 1000)
+    assert converged.all()
+    z = standardize(x[0])
+    for (f, t), best in _sklearn_optima(dim, alpha).items():
+        classes, train = np.flatnonzero(present[t, f]), folds != f
+        zt, mean = z[train], z[train].mean(0)
+        dual = coef[0, f, t][classes, : train.sum()].double().numpy()  # (class, m)
+        weights = (zt - mean).T @ dual.T  # W = X_train^T A on centred features
+        ours = _multinomial_objective(zt, np.searchsorted(classes, targets[t, train]), weights,
+                                      bias[0, f, t, classes].double().numpy() - mean @ weights, alpha)
+        assert best - 1e-9 <= ours <= best * (1 + rel_gap), (f, t, ours, best)
 
 
 def test_folds_keep_instances_whole_and_controls_permute_instances():
