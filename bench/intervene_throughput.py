@@ -127,6 +127,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in each process")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--baseline-rev", default="9bb3e19")
+    p.add_argument("--baseline-dir", type=Path, default=None,
+                   help="a folder holding cos_core of the baseline revision (instead of `git archive`, e.g. where the "
+                        "checkout has no .git)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.workers is None:
@@ -135,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run, model = make_run(args, tmp)
-        base = baseline_tree(args.baseline_rev, tmp / "baseline")
+        base = args.baseline_dir or baseline_tree(args.baseline_rev, tmp / "baseline")
         plan = [("baseline", base, args.batch_size), ("current", REPO, args.batch_size)]
         plan += [("current", REPO, args.new_batch_size)] if args.new_batch_size else []
         runs: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
