@@ -99,7 +99,7 @@ def make_run(args: argparse.Namespace, root: Path) -> tuple[Path, Path]:
 
 
 def measure(variant: str, tree: Path, run: Path, model: Path, args: argparse.Namespace, batch: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH", "")]))}
     cmd = [sys.executable, "-c", SNIPPET, str(run), str(model), args.device, str(batch), str(args.threads),
            str(args.workers), variant]
     start = time.perf_counter()

@@ -47,22 +47,23 @@ capture maze research-maze 0,1
 $COS intervene research-maze "${common[@]}" "${positions[@]}" --which noise_step,noise_frame,renoise_step,renoise_frame \
   --strengths "$STRENGTHS"
 $COS intervene research-maze "${common[@]}" ${STEPS:+--steps "$STEPS"} --which propagation --propagation-strength 0.5
-$COS patch research-maze "${common[@]}" --pairs seed --steps "$PATCH_STEPS" ${LAYERS:+--layers "$LAYERS"}
+# no seed -> seed patching on maze: its answer is unique, so every readable answer is the same path and no
+# recipient has a donor with another answer (cos patch says so and stops)
 $COS search research-maze "${common[@]}" --n "$SEARCH_N" --prune-steps "$SEARCH_K" --k "$SEARCH_K" \
   --merges "$MERGES"
-keep research-maze event_rates interventions commitment sensitivity propagation patching search
+keep research-maze event_rates step_answers interventions commitment sensitivity propagation search
 
 # fork: the noise picks one of two right goals
 capture fork research-fork 0,1,2,3
 $COS intervene research-fork "${common[@]}" ${STEPS:+--steps "$STEPS"} --which renoise_step --strengths 1
 $COS patch research-fork "${common[@]}" --pairs seed --steps "$PATCH_STEPS" ${LAYERS:+--layers "$LAYERS"}
-keep research-fork event_rates commitment patching
+keep research-fork event_rates step_answers commitment patching
 
 # dispatch: the noise picks a colour; a colour means the same in every instance, so instance -> instance patching
 # can measure adoption
 capture dispatch research-dispatch 0,1
 $COS patch research-dispatch "${common[@]}" --pairs instance --steps "$PATCH_STEPS" ${LAYERS:+--layers "$LAYERS"}
-keep research-dispatch event_rates patching
+keep research-dispatch event_rates step_answers patching
 
 python scripts/findings.py
 ls -la "$OUT"

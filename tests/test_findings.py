@@ -65,7 +65,7 @@ def commitment(path: Path, instances: int = 4) -> pd.DataFrame:
 
 def test_every_section_renders_from_whatever_exists(tmp_path):
     empty = findings.render(findings.load(tmp_path / "none", card=None))
-    assert empty.count("*Not measured yet:*") == 7 and "(no tables yet)" in empty
+    assert empty.count("*Not measured yet:*") == 8 and "(no tables yet)" in empty
     tables = tmp_path / "tables"
     tables.mkdir()
     commitment(tables / "run-a.commitment.parquet", instances=30)
@@ -75,7 +75,33 @@ def test_every_section_renders_from_whatever_exists(tmp_path):
     assert "Committed (the lower bound of P(same) stays ≥ 90 %) from step 4 on" in text  # run-a: 30 instances
     assert "3 instances: too few for a claim" in text and text.count("Committed (") == 1  # run-b: no claim
     assert "`cos intervene extra-run --which renoise_step`" in text and "reproducible-only" in text
-    assert text.count("*Not measured yet:*") == 6
+    assert text.count("*Not measured yet:*") == 7
+
+
+def step_answers(path: Path, early: bool, instances: int = 40) -> None:
+    """A hand-made step_answers table of maze (instances x 2 seeds, 4 steps): x̂0 reads the final path from step 0
+    (`early`) or only from step 2; exactness comes at step 3 either way; seed 1 is never exact."""
+    rows = []
+    for s in range(2 * instances):
+        for step in range(4):
+            key = "p" if early or step >= 2 else None
+            rows.append(dict(sample=s, step=step, answer_key=key, correct=step == 3 and s % 2 == 0, final_key="p",
+                             matches_final=key == "p", sigma=1 - step / 4, task="maze", instance=s // 2, seed=s % 2))
+    table = pd.DataFrame(rows)
+    table.attrs["cos_config"] = json.dumps({"command": ["cos", "analyze", "run", "--which", "dynamics"]})
+    table.to_parquet(path, index=False)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_the_readout_section_tells_refinement_from_an_answer_that_forms(tmp_path, early):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    step_answers(tables / "run-m.step_answers.parquet", early)
+    text = " ".join(findings.render(findings.load(tables, card=None)).split())
+    assert "### maze (unique answer), run `run-m`" in text
+    assert ("refinement, not the paper's Chain-of-Steps" in text) is early
+    assert ("the answer forms along the steps" in text) is not early
+    assert "seed 0: 100.0 % [100.0, 100.0]; seed 1: 0.0 % [0.0, 0.0]" in text  # per noise seed, at the last step
 
 
 def test_steps_table_intervals_match_the_evaluations_own():

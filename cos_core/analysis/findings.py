@@ -18,6 +18,8 @@ import pandas as pd
 
 from .report import (CARD, DOC, GENERATOR, RESEARCH, SHIPPED_RUNS, TABLES, Sources, Table, cite, load, md_table,
                      missing, n_of, num, pct, rate, too_small)
+from ..tasks import TASKS
+from .stats import bootstrap_weights, encode_groups, group_mean_ci
 from .steps import steps_table
 
 __all__ = ["CARD", "DOC", "TABLES", "check", "load", "render"]
@@ -66,7 +68,8 @@ def regime_section(src: Sources) -> str:
         elif a["accuracy"] >= 0.9:
             verdict = "one step (the posterior mean) already gives the answer: little for the steps to add"
         elif a["ci_high"] < b["ci_low"]:
-            verdict = "more steps add computation (the intervals do not overlap): the Chain-of-Steps regime"
+            verdict = ("more steps add exact accuracy (the intervals do not overlap); §2 says whether they change the "
+                       "answer or only make it exact")
         else:
             verdict = "no reliable gain from more steps"
         out.append(f"- **{task}** ({part['regime'].iloc[0]} answer): {rate(a['accuracy'], a['ci_low'], a['ci_high'])} "
@@ -75,7 +78,81 @@ def regime_section(src: Sources) -> str:
     return "\n".join(out) + "\n"
 
 
-# ---- 2-6: the experiments' tables ------------------------------------------------------------------------------
+# ---- 2: what the steps change (x̂0's answer per step) ------------------------------------------------------------
+READOUT_STEPS_SHOWN = 8  # rows of the per-step table: evenly spaced steps, always the first and the last
+
+
+def readout_body(src: Sources, t: Table) -> list[str]:
+    f = t.frame.copy()
+    f["readable"] = f["answer_key"].notna().astype(float)
+    f["matches"] = f["matches_final"].astype(float)
+    f["exact"] = f["correct"].astype(float)
+    group, n_groups = encode_groups(f["instance"].to_numpy())
+    weights = bootstrap_weights(n_groups)
+    steps = sorted(int(s) for s in f["step"].unique())
+    shown = sorted({steps[round(k * (len(steps) - 1) / max(1, READOUT_STEPS_SHOWN - 1))]
+                    for k in range(min(READOUT_STEPS_SHOWN, len(steps)))})
+    stats: dict[int, dict[str, tuple[float, float, float]]] = {}
+    for step in steps:
+        part = f["step"] == step
+        stats[step] = {col: tuple(float(v) for v in group_mean_ci(f.loc[part, col].to_numpy(), group[part.to_numpy()],
+                                                                    n_groups, weights))
+                       for col in ("readable", "matches", "exact")}
+    rows = [[step, num(float(f.loc[f["step"] == step, "sigma"].iloc[0])) if "sigma" in f else "",
+             *(rate(*stats[step][col]) for col in ("readable", "matches", "exact"))] for step in shown]
+    first, last = stats[steps[0]], stats[steps[-1]]
+    unique = bool(src_unique(f))
+    lines = []
+    if unique and last["readable"][0] > 0 and first["matches"][0] >= 0.8 * last["readable"][0]:
+        lines.append(f"- x̂0 at step {steps[0]} already reads the final answer in {rate(*first['matches'])} of samples "
+                     f"(the final one is readable in {pct(last['readable'][0])}), while exact accuracy goes "
+                     f"{pct(first['exact'][0])} → {pct(last['exact'][0])}: on this task the first forward pass already "
+                     "finds the answer of most samples and the steps mostly make it exact — refinement, not the "
+                     "paper's Chain-of-Steps.")
+    else:
+        formed = next((s for s in steps if stats[s]["matches"][1] >= 0.9 * last["readable"][0]), None)
+        lines.append(f"- x̂0's answer agrees with the final one in {rate(*first['matches'])} of samples at step "
+                     f"{steps[0]}" + (f" and (lower bound ≥ 90 % of the final readable share) from step {formed} on"
+                                      if formed is not None else "") + f"; exact accuracy {pct(first['exact'][0])} → "
+                     f"{pct(last['exact'][0])}: the answer forms along the steps.")
+    seeds = sorted(f["seed"].unique()) if "seed" in f else []
+    if len(seeds) > 1:
+        end = f[f["step"] == steps[-1]]
+        per_seed = []
+        for seed in seeds:
+            part = (end["seed"] == seed).to_numpy()
+            g, k = encode_groups(end.loc[part, "instance"].to_numpy())
+            per_seed.append(f"seed {int(seed)}: {rate(*group_mean_ci(end.loc[part, 'exact'].to_numpy(), g, k, bootstrap_weights(k)))}")
+        lines.append("- Exact accuracy per noise seed (capture seeds a sample's noise by its seed number alone, so every "
+                     "instance of one seed shares one noise tensor; the intervals in this document resample instances "
+                     f"only and do not cover the noise draw): {'; '.join(per_seed)}.")
+    lines = [too_small(with_instances(f))] if too_small(with_instances(f)) else lines
+    return [f"### {f['task'].iloc[0]} ({'unique' if unique else 'noise-picked'} answer), run `{t.run}`", "",
+            md_table(["step", "σ", "x̂0 readable", "x̂0's answer = the final answer", "x̂0 exactly right"], rows), "",
+            *lines, cite(src, t, f"n = {f['sample'].nunique()} samples, {n_groups} instances"), ""]
+
+
+def src_unique(f: pd.DataFrame) -> bool:
+    """Whether the table's task has a unique answer (the task registry says; an unknown task counts as unique)."""
+    task = TASKS.get(str(f["task"].iloc[0]))
+    return True if task is None else bool(task.answer_is_unique)
+
+
+def with_instances(f: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"n_instances": [f["instance"].nunique()]})
+
+
+def readout_section(src: Sources) -> str:
+    return section(src, "## 2. What the steps change: the answer x̂0 reads at each step", [
+        "Paper: early steps hold candidate answers that later steps prune. Where the steps add accuracy (§1), this asks "
+        "whether they change *which* answer x̂0 shows, or only make one answer exact.",
+        "Per denoising step of the run's clean samples: the share whose x̂0 reads as an answer at all, whose answer is "
+        "already the final video's (the task's answer field: maze path, fork goal, dispatch direction), and whose x̂0 "
+        "is exactly right."], "step_answers", "x̂0's answer per step", "cos analyze RUN --which dynamics",
+        readout_body)
+
+
+# ---- 3-7: the experiments' tables ------------------------------------------------------------------------------
 def committed_from(steps: pd.Series, low: pd.Series, level: float = 0.9) -> int | None:
     """The first step from which every later step's lower bound is >= level (None if the last one's is not)."""
     first = None
@@ -169,7 +246,7 @@ def search_body(src: Sources, t: Table) -> list[str]:
 
 
 def commitment_section(src: Sources) -> str:
-    return section(src, "## 2. When the answer is committed: the commitment curve (on-distribution)", [
+    return section(src, "## 3. When the answer is committed: the commitment curve (on-distribution)", [
         "Paper: early steps hold several candidates, later steps prune them to one (Fig. 1–2). Video Models Reason "
         "Early (Newman et al. 2026): the plan is committed within the first few steps.",
         "At step s, x̂0 of step s−1 is kept and the noise is redrawn (x_s = (1−σ_s)·x̂0 + σ_s·ε′, λ = 1); the curve "
@@ -180,7 +257,7 @@ def commitment_section(src: Sources) -> str:
 
 
 def noise_section(src: Sources) -> str:
-    return section(src, "## 3. Noise at a step vs at a frame, off and on the data distribution", [
+    return section(src, "## 4. Noise at a step vs at a frame, off and on the data distribution", [
         "Paper (Fig. 3b): noise at one step (all frames) collapses the score (0.685 → below 0.3 on VBVR-Bench), noise "
         "at one frame (all steps) barely moves it.",
         "Off-distribution (the paper's probe): x ← (1−λ)·x + λ·ε on the latent entering a step (all frames) or on one "
@@ -190,7 +267,7 @@ def noise_section(src: Sources) -> str:
 
 
 def propagation_section(src: Sources) -> str:
-    return section(src, "## 4. How far a perturbation carries: the per-inject-step sensitivity curve", [
+    return section(src, "## 5. How far a perturbation carries: the per-inject-step sensitivity curve", [
         "Paper (Fig. 3c): a CKA-dissimilarity map whose sensitivity peaks at steps 20–30 of 50.",
         "A renoise perturbation (on-distribution, strength λ) at one step; per sample, the token-level distance "
         "|Δh|/|h| of every block's output to the same sample's clean run, the RMS change of the final video and "
@@ -199,7 +276,7 @@ def propagation_section(src: Sources) -> str:
 
 
 def patching_section(src: Sources) -> str:
-    return section(src, "## 5. Activation patching, minus its nulls", [
+    return section(src, "## 6. Activation patching, minus its nulls", [
         "Paper (§5, Fig. 6): swapping the layer-20 hidden state between two scenes at the first step flips the answer; "
         "middle layers carry the decisive semantics.",
         "Block L's residual update at step s is replaced by a donor run's (seed → seed: another noise seed of the same "
@@ -210,7 +287,7 @@ def patching_section(src: Sources) -> str:
 
 
 def search_section(src: Sources) -> str:
-    return section(src, "## 6. Test-time scaling at equal compute", [
+    return section(src, "## 7. Test-time scaling at equal compute", [
         "Paper (§6): merging the early latents of 3 seeds lifts VBVR-Bench 0.685 → ≈ 0.71, against one seed only. Here "
         "every method is compared at equal forward passes, on the task with headroom.",
         "Every method runs on the same instances and member seeds and is placed by the forward passes it spends per "
@@ -221,9 +298,9 @@ def search_section(src: Sources) -> str:
         "Gain = paired difference to `single`."], "search", "test-time scaling", "cos search RUN", search_body)
 
 
-# ---- 7: events ------------------------------------------------------------------------------------------------
+# ---- 8: events ------------------------------------------------------------------------------------------------
 def events_section(src: Sources) -> str:
-    out = ["## 7. Self-correction and emergence, by definition", "",
+    out = ["## 8. Self-correction and emergence, by definition", "",
            "Paper: a wrong early answer is revised within a few steps (qualitative).", "",
            "Events between consecutive steps of x̂0's answer (both states held ≥ 2 steps): `self_correction` is a "
            "readable wrong answer becoming right; `emergence` an unreadable one becoming right (keys read back from "
@@ -249,7 +326,7 @@ def events_section(src: Sources) -> str:
                                           "regression", "switch"], rows), "", f"Sources: {sources}.", ""])
 
 
-SECTIONS: tuple[Callable[[Sources], str], ...] = (regime_section, commitment_section, noise_section,
+SECTIONS: tuple[Callable[[Sources], str], ...] = (regime_section, readout_section, commitment_section, noise_section,
                                                     propagation_section, patching_section, search_section,
                                                     events_section)
 
