@@ -152,3 +152,23 @@ def test_cos_steps_tabulates_the_card_and_refuses_a_card_without_the_record(tmp_
     bad.write_text("{}", encoding="utf-8")
     assert main(["steps", "--from-card", str(bad), "--out", str(tmp_path / "x.parquet")]) == 2
     assert "no accuracy_vs_steps record" in capsys.readouterr().err and not (tmp_path / "x.parquet").exists()
+
+
+def test_the_measurement_tables_have_a_schema_and_the_shipped_ones_pass_it(tmp_path):
+    """commitment / sensitivity / patching / search are documented in archive.schema.DERIVED (the columns and kinds
+    the dashboard reads), and every shipped research table with a spec passes the validating reader."""
+    from cos_core.archive.derived import read_parquet
+    from cos_core.archive.schema import DERIVED
+    assert {"commitment", "sensitivity", "patching", "search", "interventions", "propagation"} <= set(DERIVED)
+    checked = 0
+    for table in findings.load().tables.values():
+        spec = DERIVED.get(table.name)
+        if spec is None:
+            continue
+        run = tmp_path / table.run / table.name
+        (run / "derived").mkdir(parents=True)
+        shutil.copy(table.path, run / "derived" / f"{table.name}.parquet")
+        read_parquet(run, run / "derived" / f"{table.name}.parquet", f"derived/{table.name}.parquet", spec.kinds,
+                     spec.required)
+        checked += 1
+    assert checked >= 10
