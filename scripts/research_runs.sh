@@ -27,13 +27,15 @@ PATCH_STEPS=${PATCH_STEPS:-0,2,4,8}     # steps patched
 SEARCH_N=${SEARCH_N:-1,2,4,8}
 SEARCH_K=${SEARCH_K:-1,2,4,8}           # prune steps of the early search, and merged steps of the ensembles
 MERGES=${MERGES:-mean_x_t,mean_v_hat,mean_x0_hat,noise_mean}
+NOISE=${NOISE:-shared}                  # capture --noise: shared (the shipped tables) or per-instance (each
+                                        # instance x seed its own noise, so intervals over instances sample it too)
 common=(--runs-dir "$RUNS" --batch-size "$BATCH" ${DEVICE:+--device "$DEVICE"})
 mkdir -p "$RUNS" "$OUT"
 
 capture() {  # task run_id seeds
   rm -rf "${RUNS:?}/$2" "${RUNS:?}/$2.partial"
   $COS capture --task "$1" --instances "$INSTANCES" --seeds "$3" --run-id "$2" --store-dtype float16 \
-    --tensors x0_hat --reductions frame_mean --runs-dir "$RUNS" ${DEVICE:+--device "$DEVICE"}
+    --tensors x0_hat --reductions frame_mean --runs-dir "$RUNS" --noise "$NOISE" ${DEVICE:+--device "$DEVICE"}
   $COS analyze --runs-dir "$RUNS" "$2" --which dynamics
 }
 keep() {  # run table...

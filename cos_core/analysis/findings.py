@@ -116,7 +116,7 @@ def readout_body(src: Sources, t: Table) -> list[str]:
                                       if formed is not None else "") + f"; exact accuracy {pct(first['exact'][0])} → "
                      f"{pct(last['exact'][0])}: the answer forms along the steps.")
     seeds = sorted(f["seed"].unique()) if "seed" in f else []
-    if len(seeds) > 1:
+    if 1 < len(seeds) <= 8:  # seeds shared by the instances (`--noise shared`); per-instance noise has one per sample
         end = f[f["step"] == steps[-1]]
         per_seed = []
         for seed in seeds:
@@ -125,7 +125,8 @@ def readout_body(src: Sources, t: Table) -> list[str]:
             per_seed.append(f"seed {int(seed)}: {rate(*group_mean_ci(end.loc[part, 'exact'].to_numpy(), g, k, bootstrap_weights(k)))}")
         lines.append("- Exact accuracy per noise seed (capture seeds a sample's noise by its seed number alone, so every "
                      "instance of one seed shares one noise tensor; the intervals in this document resample instances "
-                     f"only and do not cover the noise draw): {'; '.join(per_seed)}.")
+                     f"only and do not cover the noise draw; `cos capture --noise per-instance` removes the sharing): "
+                     f"{'; '.join(per_seed)}.")
     lines = [too_small(with_instances(f))] if too_small(with_instances(f)) else lines
     return [f"### {f['task'].iloc[0]} ({'unique' if unique else 'noise-picked'} answer), run `{t.run}`", "",
             md_table(["step", "σ", "x̂0 readable", "x̂0's answer = the final answer", "x̂0 exactly right"], rows), "",

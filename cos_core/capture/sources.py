@@ -28,7 +28,10 @@ class SourceConfig:
     folder / hub id. The organism reads `task`, `instances`, `first_instance` (into the held-out seeds) and `members`;
     other models read `prompts` or `vbvr`, `cpu_offload` and `device_map`. The generation overrides left at None
     keep the model's own values. `members`: videos per pipeline call for a latent ensemble of that many seeds
-    (member m draws seed + m; None: a plain run), set up by `cos_core.experiments.merge`."""
+    (member m draws seed + m; None: a plain run), set up by `cos_core.experiments.merge`. `noise` (organism):
+    "shared" — seed k draws the same initial noise for every instance, as a diffusers generator seeded k does — or
+    "per_instance" — each (instance, seed) draws its own (`instance_noise_seed`, recorded as the sample's seed), so
+    that statistics over instances also sample the noise."""
 
     model: str = "organism"
     task: str = "maze"
@@ -49,8 +52,11 @@ class SourceConfig:
     true_cfg_scale: float | None = None
     guidance_scale_2: float | None = None
     image: Path | None = None  # one input image for every item of an image-to-video pipeline (no VBVR folder)
+    noise: str = "shared"
 
     def __post_init__(self) -> None:
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"--noise {self.noise!r}: choose one of {', '.join(NOISE_MODES)}")
         if self.members is not None and self.members < 1:
             raise ValueError(f"members={self.members} must be >= 1 (videos per pipeline call)")
         if self.image is not None and self.vbvr is not None:
@@ -59,6 +65,15 @@ class SourceConfig:
     def overrides(self) -> dict[str, Any]:
         """The generation settings given, as pipeline call kwargs."""
         return {k: getattr(self, k) for k in OVERRIDES if getattr(self, k) is not None}
+
+
+NOISE_MODES = ("shared", "per_instance")
+
+
+def instance_noise_seed(instance_seed: int, seed: int) -> int:
+    """The noise seed of (instance, seed) under `noise="per_instance"`: distinct for every pair of a task's seeds
+    (instance seeds < 2**32, noise seeds < 1_000_003), deterministic, and a valid torch seed."""
+    return (int(instance_seed) * 1_000_003 + int(seed)) % 2**63
 
 
 # SourceConfig fields passed to the pipeline call as they are (when given), with the flag that sets each
@@ -145,11 +160,12 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
         inst = task.instance(TEST_SEEDS[k])
         frame = torch.from_numpy(inst.first_frame).to(device=device, dtype=dtype)
         for seed in seeds:
+            noise_seed = seed if config.noise == "shared" else instance_noise_seed(inst.seed, seed)
             kwargs = {"first_frame": frame[None]}  # (1, 3, H, W): items of a batched call concatenate
             if members is not None:  # member m starts from seed + m's noise (member 0: the plain run of this seed)
                 kwargs = {"first_frame": frame.expand(members, -1, -1, -1),
-                          "latents": pipe.seed_noise(range(seed, seed + members))}
-            items.append(WorkItem(sample_id=f"{config.task}-{inst.seed}-s{seed}", seed=seed, task=config.task,
+                          "latents": pipe.seed_noise(range(noise_seed, noise_seed + members))}
+            items.append(WorkItem(sample_id=f"{config.task}-{inst.seed}-s{seed}", seed=noise_seed, task=config.task,
                                   instance=str(inst.seed), prompt=inst.prompt, labels=inst.labels, kwargs=kwargs))
     instances = {it.instance: task.instance(int(it.instance)) for it in items}
 
@@ -165,7 +181,8 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
     call.setdefault("num_inference_steps", DEFAULT_STEPS)
     steps = call["num_inference_steps"]
     run_id = f"organism-{config.task}-{len(items)}x{steps}"
-    extra = {"task": config.task, "task_params": {config.task: params} if params else {}, "model_dir": str(model_dir)}
+    extra = {"task": config.task, "task_params": {config.task: params} if params else {}, "model_dir": str(model_dir),
+             "noise": config.noise}
     return Source(pipe, call, items, label=f"organism:{model_dir.name}", default_run_id=run_id, score=score,
                   extra=extra, members=members or 1)
 

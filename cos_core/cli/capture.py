@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--first-instance", type=int, default=0, help="offset into the task's held-out seeds")
     src.add_argument("--seeds", default="0", help="noise seeds per instance: comma list and/or ranges "
                      "'a:b' (b excluded), default '0'")
+    src.add_argument("--noise", default="shared", choices=["shared", "per-instance"],
+                     help="organism: 'shared' (default, as diffusers: seed k draws the same initial noise for every "
+                          "instance) or 'per-instance' (each instance x seed draws its own, recorded as the sample's "
+                          "seed; use it when statistics over instances should also sample the noise)")
     src.add_argument("--vbvr", type=Path, help="VBVR-Bench style folder (first_frame.png, prompt.txt, "
                                                   "ground_truth.mp4 per sample) as input source")
     src.add_argument("--ensemble", metavar="METHOD:K:N", default=None,
@@ -118,7 +122,8 @@ def _source_config(args: argparse.Namespace, members: int | None):
                         num_frames=args.num_frames, cpu_offload=args.cpu_offload, device_map=args.device_map,
                         members=members, negative_prompt=args.negative_prompt,
                         max_sequence_length=args.max_sequence_length, true_cfg_scale=args.true_cfg_scale,
-                        guidance_scale_2=args.guidance_scale_2, image=args.image)
+                        guidance_scale_2=args.guidance_scale_2, image=args.image,
+                        noise=args.noise.replace("-", "_"))
 
 
 def _batch_size(text: str) -> int | None:
