@@ -66,6 +66,29 @@ def test_a_member_runs_alike_in_a_batch_of_seeds_and_alone(replay):
     np.testing.assert_allclose(together[2], alone[0], atol=1e-5)
 
 
+def test_per_instance_noise_gives_members_their_own_seeds_and_the_cli_passes_it(replay):
+    """noise="per_instance": member m of every instance draws its own noise (no two instances share one), the same
+    members in every method (paired), and `cos search --noise per-instance` sets it; shared (default) is seed_base + m."""
+    from cos_core.capture.sources import instance_noise_seed
+
+    shared = member_items(replay, [7, 8], 2, 5)
+    own = member_items(replay, [7, 8], 2, 5, "per_instance")
+    assert [it.seed for it in shared] == [5, 6, 5, 6]
+    assert [it.seed for it in own] == [instance_noise_seed(i, 5 + m) for i in (7, 8) for m in range(2)]
+    assert len({it.seed for it in own}) == 4 and [it.sample_id for it in own] == [it.sample_id for it in shared]
+    with pytest.raises(ValueError, match="noise"):
+        member_items(replay, [7], 1, 0, "per-sample")
+    with pytest.raises(ValueError, match="noise"):
+        SearchConfig(noise="x")
+    p = argparse.ArgumentParser()
+    search_cli.add_arguments(p)
+    args = p.parse_args([str(replay.archive.path), "--noise", "per-instance", "--device", "cpu"])
+    assert search_cli.config_from_args(args, "cpu").noise == "per_instance"
+    table, samples = run_search(replay, SearchConfig(ns=(1, 2), prune_steps=(1,), merges=(), ks=(1,), n_boot=20,
+                                                     noise="per_instance"))
+    assert set(table["method"]) >= {"single", "majority"} and (table["n_instances"] == 4).all()
+
+
 def test_run_search_tables(replay):
     cfg = SearchConfig(ns=(1, 2, 4), prune_steps=(1,), merges=("mean_x0_hat", "noise_mean"), ks=(1,),
                        step_counts=(1, 2), n_boot=100, batch_size=8)

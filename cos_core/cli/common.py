@@ -44,6 +44,13 @@ def add_instances(p: Flags, default: str = "the run's own samples") -> None:
     p.add_argument("--first-instance", type=int, default=None, help="F for --instances (default 0)")
 
 
+def add_noise(p: Flags) -> None:
+    """--noise: whether member m's noise seed is shared by every instance (as in `cos capture`'s default)."""
+    p.add_argument("--noise", default="shared", choices=["shared", "per-instance"],
+                   help="'shared' (default): member m draws noise seed SEED_BASE + m for every instance; "
+                        "'per-instance': each instance its own, so intervals over instances also sample the noise")
+
+
 def add_execution(p: Flags, batch_size: int) -> None:
     """How an experiment runs: device, dtype, videos per call, scoring processes, the organism's weights."""
     add_device(p)

@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from .common import (add_execution, add_instances, add_runs_dir, command, default_device, instances, int_list,
-                     open_run, split, workers)
+from .common import (add_execution, add_instances, add_noise, add_runs_dir, command, default_device, instances,
+                     int_list, open_run, split, workers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the run's)")
     add_instances(p, default="the run's own instances")
     p.add_argument("--seed-base", type=int, default=0, help="member m draws noise seed SEED_BASE + m (default 0)")
+    add_noise(p)
     add_execution(p, batch_size=128)
 
 
@@ -43,7 +44,7 @@ def config_from_args(args: argparse.Namespace, device: str):
     n_instances, first = instances(args)
     return EnsembleConfig(methods=split(args.methods), ks=_ints(args.k, "--k"), ns=_ints(args.n, "--n"),
                           steps=args.steps, instances=n_instances, first_instance=first, seed_base=args.seed_base,
-                          batch_size=args.batch_size, workers=workers(args, device))
+                          noise=args.noise.replace("-", "_"), batch_size=args.batch_size, workers=workers(args, device))
 
 
 def run(args: argparse.Namespace) -> int:

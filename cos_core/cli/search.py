@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from .common import (add_execution, add_instances, add_runs_dir, command, default_device, instances, int_list,
-                     open_run, split, workers)
+from .common import (add_execution, add_instances, add_noise, add_runs_dir, command, default_device, instances,
+                     int_list, open_run, split, workers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="S, the sampling steps of every method (default: the run's)")
     add_instances(p, default="the run's own instances")
     p.add_argument("--seed-base", type=int, default=0, help="member m draws noise seed SEED_BASE + m (default 0)")
+    add_noise(p)
     add_execution(p, batch_size=128)
 
 
@@ -47,7 +48,7 @@ def config_from_args(args: argparse.Namespace, device: str):
     return SearchConfig(ns=ns, prune_steps=int_list(args.prune_steps, "--prune-steps"), merges=split(args.merges),
                         ks=int_list(args.k, "--k"), step_counts=int_list(args.step_counts, "--step-counts"),
                         steps=args.steps, instances=n_instances, first_instance=first, seed_base=args.seed_base,
-                        batch_size=args.batch_size, workers=workers(args, device))
+                        noise=args.noise.replace("-", "_"), batch_size=args.batch_size, workers=workers(args, device))
 
 
 def run(args: argparse.Namespace) -> int:

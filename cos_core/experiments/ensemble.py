@@ -22,7 +22,7 @@ from ..analysis.commitment import regime
 from ..analysis.publish import publish
 from ..analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
 from ..capture.run import WorkItem
-from ..capture.sources import ORGANISM_DIR
+from ..capture.sources import NOISE_MODES, ORGANISM_DIR, instance_noise_seed
 from .merge import MERGES, check_flow_matching, merged_steps, noise_mean_start
 from .replay import Replay, held_out_instances
 from .scoring import Scorer
@@ -39,7 +39,9 @@ TABLE, SAMPLES_TABLE = "ensemble", "ensemble_samples"
 class EnsembleConfig:
     """What `run_ensemble` measures. `steps` None = the archive's; `instances` None = the archive's own instances,
     else the task's held-out instances `TEST_SEEDS[first_instance:first_instance + instances]`. Member m of every
-    ensemble uses noise seed `seed_base + m`, so smaller ensembles are subsets of larger ones (paired)."""
+    ensemble uses noise seed `seed_base + m`, so smaller ensembles are subsets of larger ones (paired); with
+    `noise="per_instance"` that seed is made the instance's own (`capture.sources.instance_noise_seed`), so no two
+    instances share a noise and intervals over instances sample the noise too."""
 
     methods: tuple[str, ...] = METHODS
     ks: tuple[int, ...] = (0, 1, 2, 4)
@@ -52,8 +54,10 @@ class EnsembleConfig:
     workers: int = 0
     n_boot: int = N_BOOT
     random_state: int = 0
+    noise: str = "shared"
 
     def __post_init__(self) -> None:
+        check_noise(self.noise)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods {list(bad) or '(none)'} not allowed; allowed: {', '.join(METHODS)}")
@@ -114,18 +118,27 @@ def instance_seeds(replay: Replay, config: EnsembleConfig) -> list[int]:
     return held_out_instances(config.first_instance, config.instances)
 
 
-def member_items(replay: Replay, instances: Sequence[int], n: int, seed_base: int) -> list[WorkItem]:
-    """Instance-major work items: member m of instance j at position j*n + m, noise seed seed_base + m."""
+def check_noise(noise: str) -> str:
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise {noise!r}: choose one of {', '.join(NOISE_MODES)}")
+    return noise
+
+
+def member_items(replay: Replay, instances: Sequence[int], n: int, seed_base: int,
+                 noise: str = "shared") -> list[WorkItem]:
+    """Instance-major work items: member m of instance j at position j*n + m, noise seed seed_base + m (shared by
+    every instance) or, with noise="per_instance", that seed made the instance's own."""
     task = replay.task.name
-    return [WorkItem(sample_id=f"{task}-{inst}-m{m}", seed=seed_base + m, task=task, instance=str(inst))
-            for inst in instances for m in range(n)]
+    seed = (lambda inst, s: s) if check_noise(noise) == "shared" else instance_noise_seed
+    return [WorkItem(sample_id=f"{task}-{inst}-m{m}", seed=seed(int(inst), seed_base + m), task=task,
+                     instance=str(inst)) for inst in instances for m in range(n)]
 
 
 def run_job(replay: Replay, job: Job, instances: Sequence[int], steps: int, seed_base: int,
-            scorer: Scorer | None = None) -> Callable[[], list[dict[str, Any]]]:
+            scorer: Scorer | None = None, noise: str = "shared") -> Callable[[], list[dict[str, Any]]]:
     """Generate one batch of instances under `job`; returns a function giving, per instance, every trajectory's
     scores (member 0 first), read by `scorer` (inline without one) while the caller goes on."""
-    items = member_items(replay, instances, job.n, seed_base)
+    items = member_items(replay, instances, job.n, seed_base, noise)
     noise = replay.noise([it.seed for it in items])  # (I*n, C, F, H, W)
     if job.method == CONTROL:
         scored_items = items[::job.n]
@@ -223,7 +236,7 @@ def run_ensemble(replay: Replay, config: EnsembleConfig = EnsembleConfig(), *,
     results: dict[Job, list[dict[str, Any]]] = {job: [] for job in jobs}
     started = time.perf_counter()
     with Scorer(config.workers) as scorer:
-        pending = [(job, run_job(replay, job, chunk, steps, config.seed_base, scorer))
+        pending = [(job, run_job(replay, job, chunk, steps, config.seed_base, scorer, config.noise))
                    for job, chunk in progress(batches(jobs, instances, config.batch_size))]
         for job, collect in pending:
             results[job] += collect()

@@ -18,7 +18,7 @@ import torch
 
 from ..analysis.commitment import regime
 from ..analysis.stats import N_BOOT, bootstrap_weights, encode_groups, group_mean_ci
-from .ensemble import CONTROL, METHODS, Job, member_items, run_job
+from .ensemble import CONTROL, METHODS, Job, check_noise, member_items, run_job
 from .merge import MERGES, check_flow_matching
 from .replay import Replay, held_out_instances
 from .scoring import Scorer
@@ -36,7 +36,7 @@ class SearchConfig:
     runs every seed before it keeps one; merges: latent-ensemble operators and the noise-mean control to add (from
     `ensemble.METHODS`); ks: merged steps; step_counts: the plain model at other numbers of steps (NFE = steps);
     steps: S (None = the run's); instances: held-out TEST_SEEDS[first_instance:+instances] (None = the run's own);
-    member m uses noise seed seed_base + m."""
+    member m uses noise seed seed_base + m, shared by every instance or (noise="per_instance") its own."""
 
     ns: tuple[int, ...] = (1, 2, 4, 8)
     prune_steps: tuple[int, ...] = (1, 2, 4)
@@ -50,8 +50,10 @@ class SearchConfig:
     batch_size: int = 128
     workers: int = 0
     n_boot: int = N_BOOT
+    noise: str = "shared"
 
     def __post_init__(self) -> None:
+        check_noise(self.noise)
         if not self.ns or min(self.ns) < 1:
             raise ValueError(f"ns {list(self.ns)} must be a non-empty list of integers >= 1")
         bad = [m for m in self.merges if m not in METHODS]
@@ -99,7 +101,7 @@ def independent_runs(replay: Replay, instances: Sequence[int], n: int, steps: in
     pending = []
     for lo in progress(range(0, len(instances), per_call)):
         chunk = list(instances[lo:lo + per_call])
-        items = member_items(replay, chunk, n, cfg.seed_base)
+        items = member_items(replay, chunk, n, cfg.seed_base, cfg.noise)
         early: dict[int, np.ndarray] = {}
 
         def keep(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -154,7 +156,8 @@ def ensemble_rows(replay: Replay, instances: Sequence[int], cfg: SearchConfig, s
     for job in progress(jobs):
         per_call = max(1, cfg.batch_size // job.n)  # the control draws n noises per instance too
         for lo in range(0, len(instances), per_call):
-            pending.append((job, run_job(replay, job, instances[lo:lo + per_call], steps, cfg.seed_base, scorer)))
+            pending.append((job, run_job(replay, job, instances[lo:lo + per_call], steps, cfg.seed_base, scorer,
+                                                cfg.noise)))
     rows = []
     for job, collect in pending:
         for inst in collect():
@@ -170,7 +173,7 @@ def step_rows(replay: Replay, instances: Sequence[int], cfg: SearchConfig, score
     pending = []
     for count in sorted(set(cfg.step_counts)):
         for lo in range(0, len(instances), cfg.batch_size):
-            items = member_items(replay, instances[lo:lo + cfg.batch_size], 1, cfg.seed_base)
+            items = member_items(replay, instances[lo:lo + cfg.batch_size], 1, cfg.seed_base, cfg.noise)
             finals = replay.run(items, num_inference_steps=count)
             pending.append((count, items, scorer.scores(replay.task, [int(it.instance) for it in items], finals)))
     rows = []
