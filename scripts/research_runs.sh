@@ -51,7 +51,7 @@ $COS intervene research-maze "${common[@]}" "${positions[@]}" --which noise_step
 $COS intervene research-maze "${common[@]}" ${STEPS:+--steps "$STEPS"} --which propagation --propagation-strength 0.5
 # no seed -> seed patching on maze: its answer is unique, so every readable answer is the same path and no
 # recipient has a donor with another answer (cos patch says so and stops)
-$COS search research-maze "${common[@]}" --n "$SEARCH_N" --prune-steps "$SEARCH_K" --k "$SEARCH_K" \
+$COS search research-maze "${common[@]}" --noise "$NOISE" --n "$SEARCH_N" --prune-steps "$SEARCH_K" --k "$SEARCH_K" \
   --merges "$MERGES"
 keep research-maze event_rates step_answers interventions commitment sensitivity propagation search
 

@@ -99,9 +99,25 @@ def test_the_readout_section_tells_refinement_from_an_answer_that_forms(tmp_path
     step_answers(tables / "run-m.step_answers.parquet", early)
     text = " ".join(findings.render(findings.load(tables, card=None)).split())
     assert "### maze (unique answer), run `run-m`" in text
-    assert ("refinement, not the paper's Chain-of-Steps" in text) is early
+    assert ("refinement more than the paper's Chain-of-Steps" in text) is early
     assert ("the answer forms along the steps" in text) is not early
     assert "seed 0: 100.0 % [100.0, 100.0]; seed 1: 0.0 % [0.0, 0.0]" in text  # per noise seed, at the last step
+    if not early:
+        assert "from step 2 on the lower bound stays ≥ 90 %" in text
+
+
+def test_the_readout_section_survives_odd_tables(tmp_path):
+    """One step, nothing readable, no instance/task/seed columns, per-instance seeds: a sentence, never a crash."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    base = dict(sample=0, step=0, answer_key=None, correct=False, matches_final=False)
+    pd.DataFrame([base | dict(sample=s) for s in range(40)]).to_parquet(tables / "one.step_answers.parquet")
+    pd.DataFrame([base | dict(sample=s, step=k, instance=s, seed=1000 * s, task="fork") for s in range(40)
+                  for k in range(3)]).to_parquet(tables / "none.step_answers.parquet")
+    text = " ".join(findings.render(findings.load(tables, card=None)).split())
+    assert "One step only: no steps to compare." in text
+    assert "No final answer is readable" in text and "### fork (noise-picked answer), run `none`" in text
+    assert "per noise seed" not in text  # per-instance seeds share nothing
 
 
 def test_steps_table_intervals_match_the_evaluations_own():

@@ -4,6 +4,7 @@ planner and per-sample noise, the layer swap, propagation distances, the commitm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -182,6 +183,28 @@ def test_layer_swap_with_itself_changes_nothing_and_with_a_partner_changes_the_o
     assert all(replay.items[p].instance != it.instance for p, it in zip(pair, replay.items))
     swapped = swap_finals(replay, [Job(i, "layer_swap", 1, 0.0, 0, pair[i]) for i in range(n)])
     assert np.abs(swapped - clean).max() > 1e-3
+
+
+def test_under_per_instance_noise_partners_and_held_out_instances_follow_the_seed_index(replay):
+    """A per-instance-noise archive (manifest config.noise): the layer-swap partner has the same `--seeds` value, and
+    `--instances` builds each held-out instance x seed with its own noise seed (not the archive's seeds crossed
+    with every instance)."""
+    import types
+
+    from cos_core.capture.sources import instance_noise_seed
+    from cos_core.experiments.interventions import with_instances
+
+    own = [dataclasses.replace(it, seed=instance_noise_seed(int(it.instance), it.seed)) for it in replay.items]
+    archive = types.SimpleNamespace(manifest={"config": {"noise": "per_instance"}}, run_id="r")
+    per = dataclasses.replace(replay, items=own, archive=archive)
+    assert per.noise_mode == "per_instance" and per.seed_indexes() == [it.seed for it in replay.items]
+    assert partners(per.items, per.seed_indexes()) == partners(replay.items)
+    held = with_instances(per, 0, 2)
+    seeds = sorted(set(replay.seed_indexes()))
+    assert len(held.items) == 2 * len(seeds)
+    assert [it.seed for it in held.items] == [instance_noise_seed(int(it.instance), k)
+                                              for it, k in zip(held.items, seeds * 2)]
+    assert held.seed_indexes() == seeds * 2 and with_instances(replay, 0, 2).seed_indexes() == seeds * 2
 
 
 @pytest.mark.parametrize("carry", ["output", "update"])

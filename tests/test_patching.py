@@ -61,6 +61,21 @@ def test_instance_donors_prefer_the_same_seed_and_without_transfer_take_the_next
     assert other == [2, 3, 0, 1] and same == [-1] * 4
 
 
+def test_instance_donors_match_the_seed_index_under_per_instance_noise():
+    """With `--noise per-instance` no two instances share a noise seed; "same seed first" then means the same
+    `--seeds` value, given as `index` (without it, the order falls back to the cyclic one)."""
+    from cos_core.capture.sources import instance_noise_seed, seed_index
+
+    spec = [(inst, k) for inst in (11, 12) for k in (0, 1)]
+    its = items([(str(inst), instance_noise_seed(inst, k)) for inst, k in spec])
+    index = [seed_index(it.seed, int(it.instance), "per_instance") for it in its]
+    assert index == [0, 1, 0, 1]
+    other, same = donors(its, ["1", "2", "2", "1"], "instance", index)
+    assert other == [2, 3, 0, 1] and same == [3, 2, 1, 0]
+    other, _ = donors(its, ["1", "1", "2", "2"], "instance")  # no index: no seed matches across instances
+    assert other == [2, 2, 0, 0]
+
+
 def test_jobs_hold_the_patch_and_each_null():
     cfg = PatchConfig(layers=(0, 1), steps=(0,))
     jobs = patch_jobs(cfg, other=[1, -1, 0], same=[-1, -1, 2])
@@ -129,3 +144,23 @@ def test_cos_patch_writes_both_tables_and_refuses_bad_input(replay, monkeypatch,
         args = p.parse_args([str(replay.archive.path), "--device", "cpu", *argv])
         with pytest.raises(ValueError, match=message):
             patch_cli.run(args)
+
+
+def test_an_empty_patching_table_publishes_and_a_null_column_with_rows_is_still_refused(tmp_path):
+    """No null rows (e.g. --nulls same_answer where no recipient has a same-answer donor) gives a table of no rows
+    whose columns pyarrow types as null: the validating reader accepts it (an empty table is valid), while the same
+    null column holding rows is still refused for an integer kind."""
+    from cos_core.analysis.effects import patching_table
+    from cos_core.archive.derived import read_parquet
+    from cos_core.archive.schema import DERIVED, ArchiveError
+
+    table = patching_table(pd.DataFrame([dict(sample=0, layer=1, step=0, tag="patch", instance="a", flipped=True,
+                                              adopted=1.0)]))
+    (tmp_path / "derived").mkdir()
+    path = tmp_path / "derived" / "patching.parquet"
+    table.to_parquet(path, index=False)
+    spec = DERIVED["patching"]
+    assert read_parquet(tmp_path, path, "derived/patching.parquet", spec.kinds, spec.required).empty
+    pd.DataFrame({c: [None] for c in table.columns}).to_parquet(path, index=False)
+    with pytest.raises(ArchiveError, match="'layer' must hold integers"):
+        read_parquet(tmp_path, path, "derived/patching.parquet", spec.kinds, spec.required)

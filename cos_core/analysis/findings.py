@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from .report import (CARD, DOC, GENERATOR, RESEARCH, SHIPPED_RUNS, TABLES, Sources, Table, cite, load, md_table,
@@ -84,63 +85,75 @@ READOUT_STEPS_SHOWN = 8  # rows of the per-step table: evenly spaced steps, alwa
 
 def readout_body(src: Sources, t: Table) -> list[str]:
     f = t.frame.copy()
-    f["readable"] = f["answer_key"].notna().astype(float)
-    f["matches"] = f["matches_final"].astype(float)
+    if f.empty:
+        return [f"### run `{t.run}`", "", "- The table has no rows.", cite(src, t, "n = 0 samples"), ""]
+    f["instance"] = f["instance"] if "instance" in f else f["sample"]  # no instance column: samples resample alone
+    f["readable"] = f["answer_key"].notna().astype(float) if "answer_key" in f else np.nan
+    f["matches"] = f["matches_final"].astype(float) if "matches_final" in f else np.nan
     f["exact"] = f["correct"].astype(float)
-    group, n_groups = encode_groups(f["instance"].to_numpy())
-    weights = bootstrap_weights(n_groups)
     steps = sorted(int(s) for s in f["step"].unique())
+    final_readable = f[f["step"] == steps[-1]].set_index("sample")["readable"]
+    # of the samples whose final answer is readable: does x̂0 at this step already read that answer?
+    f["matches_given"] = f["matches"].where(f["sample"].map(final_readable) > 0)
+    group, n_groups = encode_groups(f["instance"].astype(str).to_numpy())
+    weights = bootstrap_weights(n_groups)
     shown = sorted({steps[round(k * (len(steps) - 1) / max(1, READOUT_STEPS_SHOWN - 1))]
                     for k in range(min(READOUT_STEPS_SHOWN, len(steps)))})
     stats: dict[int, dict[str, tuple[float, float, float]]] = {}
     for step in steps:
-        part = f["step"] == step
-        stats[step] = {col: tuple(float(v) for v in group_mean_ci(f.loc[part, col].to_numpy(), group[part.to_numpy()],
+        part = (f["step"] == step).to_numpy()
+        stats[step] = {col: tuple(float(v) for v in group_mean_ci(f.loc[part, col].to_numpy(dtype=float), group[part],
                                                                     n_groups, weights))
-                       for col in ("readable", "matches", "exact")}
+                       for col in ("readable", "matches", "matches_given", "exact")}
     rows = [[step, num(float(f.loc[f["step"] == step, "sigma"].iloc[0])) if "sigma" in f else "",
              *(rate(*stats[step][col]) for col in ("readable", "matches", "exact"))] for step in shown]
     first, last = stats[steps[0]], stats[steps[-1]]
-    unique = bool(src_unique(f))
-    lines = []
-    if unique and last["readable"][0] > 0 and first["matches"][0] >= 0.8 * last["readable"][0]:
-        lines.append(f"- x̂0 at step {steps[0]} already reads the final answer in {rate(*first['matches'])} of samples "
-                     f"(the final one is readable in {pct(last['readable'][0])}), while exact accuracy goes "
-                     f"{pct(first['exact'][0])} → {pct(last['exact'][0])}: on this task the first forward pass already "
-                     "finds the answer of most samples and the steps mostly make it exact — refinement, not the "
-                     "paper's Chain-of-Steps.")
+    unique = src_unique(f)
+    given = first["matches_given"]
+    if len(steps) < 2:
+        claim = "- One step only: no steps to compare."
+    elif not last["readable"][0] > 0:
+        claim = "- No final answer is readable: nothing to compare the steps with."
+    elif given[1] > 0.5:
+        claim = (f"- Of the samples whose final answer is readable ({pct(last['readable'][0])}), x̂0 at step "
+                 f"{steps[0]} already reads that answer in {rate(*given)} (the interval is above one half), while exact "
+                 f"accuracy goes {pct(first['exact'][0])} → {pct(last['exact'][0])}: the first forward pass already "
+                 "finds the answer of most samples and the steps mostly make it exact — refinement more than the "
+                 "paper's Chain-of-Steps.")
     else:
-        formed = next((s for s in steps if stats[s]["matches"][1] >= 0.9 * last["readable"][0]), None)
-        lines.append(f"- x̂0's answer agrees with the final one in {rate(*first['matches'])} of samples at step "
-                     f"{steps[0]}" + (f" and (lower bound ≥ 90 % of the final readable share) from step {formed} on"
-                                      if formed is not None else "") + f"; exact accuracy {pct(first['exact'][0])} → "
-                     f"{pct(last['exact'][0])}: the answer forms along the steps.")
-    seeds = sorted(f["seed"].unique()) if "seed" in f else []
-    if 1 < len(seeds) <= 8:  # seeds shared by the instances (`--noise shared`); per-instance noise has one per sample
+        formed = committed_from(pd.Series(steps), pd.Series([stats[s]["matches_given"][1] for s in steps]))
+        claim = (f"- Of the samples whose final answer is readable ({pct(last['readable'][0])}), x̂0 at step "
+                 f"{steps[0]} reads that answer in {rate(*given)}" + (
+                     f", and from step {formed} on the lower bound stays ≥ 90 %" if formed is not None else "")
+                 + f"; exact accuracy {pct(first['exact'][0])} → {pct(last['exact'][0])}: the answer forms along the "
+                 "steps.")
+    lines = [claim]
+    if "seed" in f and f.groupby("seed")["instance"].nunique().max() > 1:  # a seed drawn by several instances
+        seeds = sorted(f["seed"].unique())
         end = f[f["step"] == steps[-1]]
         per_seed = []
-        for seed in seeds:
+        for seed in seeds[:8]:
             part = (end["seed"] == seed).to_numpy()
-            g, k = encode_groups(end.loc[part, "instance"].to_numpy())
-            per_seed.append(f"seed {int(seed)}: {rate(*group_mean_ci(end.loc[part, 'exact'].to_numpy(), g, k, bootstrap_weights(k)))}")
-        lines.append("- Exact accuracy per noise seed (capture seeds a sample's noise by its seed number alone, so every "
-                     "instance of one seed shares one noise tensor; the intervals in this document resample instances "
-                     f"only and do not cover the noise draw; `cos capture --noise per-instance` removes the sharing): "
-                     f"{'; '.join(per_seed)}.")
-    lines = [too_small(with_instances(f))] if too_small(with_instances(f)) else lines
-    return [f"### {f['task'].iloc[0]} ({'unique' if unique else 'noise-picked'} answer), run `{t.run}`", "",
+            g, k = encode_groups(end.loc[part, "instance"].astype(str).to_numpy())
+            per_seed.append(f"seed {int(seed)}: "
+                            f"{rate(*group_mean_ci(end.loc[part, 'exact'].to_numpy(), g, k, bootstrap_weights(k)))}")
+        more = f"; and {len(seeds) - 8} more seeds" if len(seeds) > 8 else ""
+        lines.append("- Exact accuracy per noise seed (this run's instances share their noise seeds — `cos capture "
+                     "--noise shared`, the default — so every instance of one seed starts from one noise tensor; the "
+                     "intervals in this document resample instances only and do not cover the noise draw; `--noise "
+                     f"per-instance` removes the sharing): {'; '.join(per_seed)}{more}.")
+    small = too_small(pd.DataFrame({"n_instances": [n_groups]}))
+    lines = [small] if small else lines
+    task = str(f["task"].iloc[0]) if "task" in f else "unknown task"
+    return [f"### {task} ({'unique' if unique else 'noise-picked'} answer), run `{t.run}`", "",
             md_table(["step", "σ", "x̂0 readable", "x̂0's answer = the final answer", "x̂0 exactly right"], rows), "",
             *lines, cite(src, t, f"n = {f['sample'].nunique()} samples, {n_groups} instances"), ""]
 
 
 def src_unique(f: pd.DataFrame) -> bool:
     """Whether the table's task has a unique answer (the task registry says; an unknown task counts as unique)."""
-    task = TASKS.get(str(f["task"].iloc[0]))
+    task = TASKS.get(str(f["task"].iloc[0])) if "task" in f else None
     return True if task is None else bool(task.answer_is_unique)
-
-
-def with_instances(f: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"n_instances": [f["instance"].nunique()]})
 
 
 def readout_section(src: Sources) -> str:
@@ -311,8 +324,8 @@ def events_section(src: Sources) -> str:
         kinds = pd.read_parquet(old)["kind"].value_counts()
         out.append(f"- The previous organism's shipped fork run (`cached_runs/organism-fork`, regenerated with the "
                    f"fixed detector): {int(kinds.get('self_correction', 0))} self-corrections and "
-                   f"{int(kinds.get('emergence', 0))} emergences; the old §2 counted every emergence as a "
-                   "self-correction.")
+                   f"{int(kinds.get('emergence', 0))} emergences; the findings document before this one counted every "
+                   "emergence as a self-correction.")
     tables = src.named("event_rates")
     if not tables:
         return "\n".join(out + ["", missing("events on the new organism", "cos analyze RUN --which dynamics")])

@@ -68,12 +68,19 @@ class SourceConfig:
 
 
 NOISE_MODES = ("shared", "per_instance")
+NOISE_STRIDE = 1_000_003  # per-instance noise seeds: instance_seed * NOISE_STRIDE + k
 
 
 def instance_noise_seed(instance_seed: int, seed: int) -> int:
     """The noise seed of (instance, seed) under `noise="per_instance"`: distinct for every pair of a task's seeds
-    (instance seeds < 2**32, noise seeds < 1_000_003), deterministic, and a valid torch seed."""
-    return (int(instance_seed) * 1_000_003 + int(seed)) % 2**63
+    (instance seeds < 2**32, seeds k < NOISE_STRIDE), deterministic, and a valid torch seed (< 2**63)."""
+    return int(instance_seed) * NOISE_STRIDE + int(seed)
+
+
+def seed_index(noise_seed: int, instance_seed: int, noise: str = "shared") -> int:
+    """The seed k the user asked for (`--seeds`) of a sample drawn with `noise_seed`: itself under shared noise, the
+    inverse of `instance_noise_seed` under per-instance noise. Pairings "same seed" compare these."""
+    return int(noise_seed) if noise == "shared" else int(noise_seed) - int(instance_seed) * NOISE_STRIDE
 
 
 # SourceConfig fields passed to the pipeline call as they are (when given), with the flag that sets each
@@ -155,6 +162,8 @@ def organism_source(config: SourceConfig, *, device: str, dtype: torch.dtype, se
     pipe = OrganismPipeline.from_pretrained(str(model_dir)).to(device=device, dtype=dtype)
     params = check_trained(pipe, config.task, model_dir)
     task = get_task(config.task, **params)
+    if config.noise == "per_instance" and any(not 0 <= int(s) < NOISE_STRIDE for s in seeds):
+        raise ValueError(f"--noise per-instance takes seeds 0..{NOISE_STRIDE - 1}, got {list(seeds)}")
     items = []
     for k in range(config.first_instance, config.first_instance + config.instances):
         inst = task.instance(TEST_SEEDS[k])

@@ -94,26 +94,32 @@ class InterventionConfig:
         return dataclasses.replace(self, **out)
 
 
-def partners(items: Sequence[WorkItem]) -> list[int]:
-    """Sample i's layer-swap partner: the next instance's sample (cyclically) with the same seed, else its first."""
+def partners(items: Sequence[WorkItem], index: Sequence[int] | None = None) -> list[int]:
+    """Sample i's layer-swap partner: the next instance's sample (cyclically) with the same seed index (`index`, the
+    `--seeds` value per item; default the items' noise seeds, right for shared noise), else its first."""
+    index = [it.seed for it in items] if index is None else list(index)
     order = list(dict.fromkeys(it.instance for it in items))
     if len(order) < 2:
         raise ValueError(f"layer swap needs >= 2 task instances; this run has {len(order)}")
-    by_key = {(it.instance, it.seed): i for i, it in enumerate(items)}
+    by_key = {(it.instance, k): i for i, (it, k) in enumerate(zip(items, index))}
     first = {inst: next(i for i, it in enumerate(items) if it.instance == inst) for inst in order}
     out = []
-    for it in items:
+    for it, k in zip(items, index):
         nxt = order[(order.index(it.instance) + 1) % len(order)]
-        out.append(by_key.get((nxt, it.seed), first[nxt]))
+        out.append(by_key.get((nxt, k), first[nxt]))
     return out
 
 
 def with_instances(replay: Replay, first: int, n: int) -> Replay:
-    """The replay on held-out task instances TEST_SEEDS[first:first + n], each with the archive's noise seeds."""
-    seeds = list(dict.fromkeys(it.seed for it in replay.items))
+    """The replay on held-out task instances TEST_SEEDS[first:first + n], each with the archive's seeds (`--seeds`
+    values; under per-instance noise each held-out instance draws its own noise for them, as a capture would)."""
+    from ..capture.sources import instance_noise_seed
+
+    seeds = list(dict.fromkeys(replay.seed_indexes()))
+    shared = replay.noise_mode == "shared"
     task = replay.task.name
-    items = [WorkItem(sample_id=f"{task}-{inst}-s{s}", seed=s, task=task, instance=str(inst))
-             for inst in held_out_instances(first, n) for s in seeds]
+    items = [WorkItem(sample_id=f"{task}-{inst}-s{s}", seed=s if shared else instance_noise_seed(inst, s), task=task,
+                      instance=str(inst)) for inst in held_out_instances(first, n) for s in seeds]
     return dataclasses.replace(replay, items=items, instances={})
 
 
@@ -187,7 +193,7 @@ def run_interventions(replay: Replay, config: InterventionConfig = InterventionC
     if "propagation" in cfg.which and n < MIN_SAMPLES:
         raise ValueError(f"propagation needs >= {MIN_SAMPLES} samples for CKA; this run has {n} "
                          "(use more --instances, or leave propagation out of --which)")
-    partner = partners(replay.items) if "layer_swap" in cfg.which else None
+    partner = partners(replay.items, replay.seed_indexes()) if "layer_swap" in cfg.which else None
     jobs = sweep_jobs(cfg, n, partner)
     sweep = run_sweep(replay, jobs, batch_size=cfg.batch_size, seed_base=cfg.seed_base,
                       means="propagation" in cfg.which, workers=cfg.workers, progress=progress)

@@ -86,13 +86,16 @@ def answers(task: Any, scores: Sequence[dict[str, Any]], pairs: str) -> list[str
     return [None if s.get(f"outcome_{label}") is None else str(s[f"outcome_{label}"]) for s in scores]
 
 
-def donors(items: Sequence[Any], answer: Sequence[str | None], pairs: str) -> tuple[list[int], list[int]]:
+def donors(items: Sequence[Any], answer: Sequence[str | None], pairs: str,
+           index: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """Per recipient: (the donor with another readable answer, the donor with the same answer), -1 where none.
 
     Candidates are scanned cyclically from the recipient (seed pairs: the other seeds of its instance; instance
     pairs: the samples of other instances, same seed first). Without comparable answers (instance pairs on a task
-    whose answer does not transfer) the first candidate donates and no same-answer donor exists."""
+    whose answer does not transfer) the first candidate donates and no same-answer donor exists. `index`: each item's
+    seed index (`--seeds` value; default its noise seed, right for shared noise)."""
     n = len(items)
+    index = [it.seed for it in items] if index is None else list(index)
     other, same = [-1] * n, [-1] * n
     for r in range(n):
         order = [(r + k) % n for k in range(1, n)]
@@ -100,7 +103,7 @@ def donors(items: Sequence[Any], answer: Sequence[str | None], pairs: str) -> tu
             cands = [d for d in order if items[d].instance == items[r].instance]
         else:
             cands = [d for d in order if items[d].instance != items[r].instance]
-            cands.sort(key=lambda d: items[d].seed != items[r].seed)  # stable: same seed first, cyclic order kept
+            cands.sort(key=lambda d: index[d] != index[r])  # stable: same seed first, cyclic order kept
         if all(a is None for a in answer):
             other[r] = cands[0] if cands else -1
             continue
@@ -142,7 +145,7 @@ def run_patching(replay: Replay, config: PatchConfig = PatchConfig(), *,
                       means=False, workers=cfg.workers)
     scores = [clean.scores[r] for r in range(n)]
     answer = answers(replay.task, scores, cfg.pairs)
-    other, same = donors(replay.items, answer, cfg.pairs)
+    other, same = donors(replay.items, answer, cfg.pairs, replay.seed_indexes())
     jobs = patch_jobs(cfg, other, same)
     if not jobs:
         raise ValueError(f"{replay.archive.run_id}: no recipient has a donor with another answer for {cfg.pairs} "

@@ -62,6 +62,17 @@ class Replay:
         frames = np.stack([self.instance(it).first_frame for it in items])
         return torch.from_numpy(frames).to(self.device)
 
+    @property
+    def noise_mode(self) -> str:
+        """How the archive's noise seeds were chosen (`cos capture --noise`): "shared" or "per_instance"."""
+        return str((self.archive.manifest.get("config") or {}).get("noise", "shared"))
+
+    def seed_indexes(self) -> list[int]:
+        """Per item, the seed k asked for (`--seeds`), whatever the noise mode made of it (`seed_index`)."""
+        from ..capture.sources import seed_index
+
+        return [seed_index(it.seed, int(it.instance), self.noise_mode) for it in self.items]
+
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """(B, 3, F, H, W) float32: the initial noise each seed gives in `cos capture` (per-item generator)."""
         return self.pipe.seed_noise(seeds)
