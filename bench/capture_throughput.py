@@ -34,9 +34,10 @@ from cos_core.capture.sources import SourceConfig, organism_source  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEC = CaptureSpec(reductions=("frame_mean", "token_norm"))  # all layers, all steps, x_t/v_hat/x0_hat every step
 # dense peak FLOP/s by GPU name fragment and dtype (vendor datasheets, SXM parts; float32 = CUDA cores, no TF32)
-PEAK_FLOPS = {"H200": {"float32": 67e12, "bfloat16": 989e12, "float16": 989e12},
-              "H100": {"float32": 67e12, "bfloat16": 989e12, "float16": 989e12},
-              "A100": {"float32": 19.5e12, "bfloat16": 312e12, "float16": 312e12}}
+# ("tf32" = float32 storage with matmuls on the tensor cores in TF32, `--tf32`)
+PEAK_FLOPS = {"H200": {"float32": 67e12, "tf32": 494.5e12, "bfloat16": 989e12, "float16": 989e12},
+              "H100": {"float32": 67e12, "tf32": 494.5e12, "bfloat16": 989e12, "float16": 989e12},
+              "A100": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12, "float16": 312e12}}
 
 
 def source(items: int, steps: int, device: str, dtype: torch.dtype, task: str):
@@ -98,6 +99,9 @@ def peak_flops(device: str, dtype: str) -> tuple[float | None, str]:
 
 def throughput(args) -> dict:
     dtype = getattr(torch, args.dtype)
+    if args.tf32:  # float32 tensors, matmuls and convolutions in TF32 on the tensor cores (10-bit mantissa)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     src = source(args.items, args.steps, args.device, dtype, args.task)
     n_one = min(args.unbatched_items, args.items)
     runs = Path(tempfile.mkdtemp(prefix="cos-bench-"))
@@ -112,11 +116,11 @@ def throughput(args) -> dict:
         shutil.rmtree(runs, ignore_errors=True)
     flops = flops_per_sample(src)
     rate = args.items / t_batch
-    peak, peak_source = peak_flops(args.device, args.dtype)
+    peak, peak_source = peak_flops(args.device, "tf32" if args.tf32 and args.dtype == "float32" else args.dtype)
     device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else \
         f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": device, "torch": torch.__version__, "dtype": args.dtype, "task": args.task,
-            "steps": args.steps, "items": args.items, "batch_size": args.batch_size, "batch_forward": forward,
+    return {"device": device, "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
+            "task": args.task, "steps": args.steps, "items": args.items, "batch_size": args.batch_size, "batch_forward": forward,
             "unbatched_items": n_one, "unbatched_s": round(t_one, 3), "batched_s": round(t_batch, 3),
             "unbatched_samples_per_s": round(n_one / t_one, 3), "batched_samples_per_s": round(rate, 3),
             "speedup": round(rate / (n_one / t_one), 2), **result,
@@ -153,6 +157,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tf32", action="store_true", help="float32 matmuls in TF32 on the tensor cores")
     p.add_argument("--task", default="maze")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--items", type=int, default=2000, help="work items of the batched run (2000 on a GPU)")
